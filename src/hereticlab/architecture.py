@@ -36,6 +36,9 @@ EMBEDDING_PATHS = (
     "backbone.embeddings",
 )
 
+# Learned absolute position embeddings also write into the residual stream (GPT-2, OPT).
+POSITION_EMBEDDING_PATHS = ("transformer.wpe", "model.decoder.embed_positions")
+
 # Module names (relative to a decoder block) that write into the residual stream, by component.
 WRITER_NAMES: dict[str, tuple[str, ...]] = {
     "attn": (
@@ -185,6 +188,10 @@ def find_writers(model: nn.Module, components: Iterable[str] = COMPONENTS) -> li
     if "embed" in components:
         emb = find_embedding(model)
         writers.append(Writer("embed_tokens", -1, "embed", emb, "weight", 1))
+        for path in POSITION_EMBEDDING_PATHS:
+            pos = get_submodule(model, path)
+            if isinstance(pos, nn.Embedding) and pos.weight.shape[1] == d:
+                writers.append(Writer(path, -1, "embed", pos, "weight", 1))
     for index, block in enumerate(layers):
         found_any = False
         for component, names in WRITER_NAMES.items():

@@ -80,12 +80,11 @@ class Directions:
         frac = float(index) - low
         unit = self.unit()
         if frac == 0.0:
-            vec = unit[low]
-        else:
-            vec = torch.lerp(unit[low].double(), unit[low + 1].double(), frac).to(unit.dtype)
+            return unit[low].clone()  # exact: the layer's own (unit) direction or basis
+        vec = torch.lerp(unit[low].double(), unit[low + 1].double(), frac)
         if self.rank == 1:
-            return normalize(vec)
-        return orthonormal_basis(vec).T.contiguous()
+            return normalize(vec).to(unit.dtype)
+        return orthonormal_basis(vec).T.contiguous().to(unit.dtype)
 
     def layer(self, index: int) -> torch.Tensor:
         return self.at(index)

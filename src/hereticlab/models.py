@@ -203,6 +203,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path.startswith("tiny:"):
+        from .testing import tiny_model
+
+        model, tokenizer = tiny_model(name_or_path.split(":", 1)[1], dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        return model.to(device or "cpu"), tokenizer
     source = resolve_model_source(name_or_path)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .architecture import Writer, block_output_tensor, find_layers, find_writers, replace_block_output
+from .architecture import block_output_tensor, find_layers, find_writers, replace_block_output
 from .directions import Directions, orthonormal_basis
 
 
@@ -21,10 +21,6 @@ def _remove_projection(x: torch.Tensor, q: torch.Tensor, strength: float = 1.0) 
     q = q.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     xf = x.to(q.dtype)
     return (xf - strength * (xf @ q) @ q.T).to(x.dtype)
-
-
-def _writer_output_axis(writer: Writer, output: torch.Tensor) -> torch.Tensor:
-    return output
 
 
 @contextmanager
