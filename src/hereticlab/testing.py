@@ -59,7 +59,8 @@ def tiny_config(family: str, vocab: int):
         return tf.Phi3Config(**c)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=512,
-                             bos_token_id=258, eos_token_id=257, pad_token_id=256)
+                             bos_token_id=258, eos_token_id=257, pad_token_id=256,
+                             tie_word_embeddings=False)
     raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
 
 
