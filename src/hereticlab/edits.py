@@ -55,9 +55,12 @@ def orthogonalize(W: torch.Tensor, Q: torch.Tensor, strength: float = 1.0, norm:
 
 
 def project_vector(b: torch.Tensor, Q: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``b − λ Q Qᵀ b`` for a bias ``b [d]``."""
+    """``b − λ Q Qᵀ b`` for a bias ``b [d]`` (or ``[..., d]``: fused experts' per-expert biases ``[E, d]``)."""
     work = torch.promote_types(b.dtype, torch.float32)
     q = Q.to(device=b.device, dtype=work)
+    if b.ndim > 1:
+        bw = b.to(work)
+        return (bw - strength * (bw @ q) @ q.T).to(b.dtype)
     return (b.to(work) - strength * q @ (q.T @ b.to(work))).to(b.dtype)
 
 
@@ -87,8 +90,14 @@ def _as_basis(direction: torch.Tensor) -> torch.Tensor:
     return orthonormal_basis(direction.float())
 
 
+# An MoE block *is* the layer's MLP: expert writers follow the "mlp" component unless "expert" is named explicitly.
+COMPONENT_ALIASES = {"expert": "mlp"}
+
+
 def _strength_for(strength: Strength, component: str, layer: int, n_layers: int) -> float:
     if isinstance(strength, Mapping):
+        if component not in strength:
+            component = COMPONENT_ALIASES.get(component, component)
         if component not in strength:
             return 0.0
         strength = strength[component]
@@ -114,9 +123,13 @@ def plan_ablation(
     scope: block ``l`` uses residual index ``l + 1``, the stream it writes into; the embedding uses index 0).
     ``strength``: a float, a per-block kernel ``Tensor[L]``, or a dict component → float/kernel
     (components missing from the dict are not edited). Writers with zero strength are skipped.
+    ``"mlp"`` also covers MoE expert writers (fused or per-expert down projections, shared experts) unless
+    ``"expert"`` is given its own entry; SSM mixers are the ``"ssm"`` component.
     """
     if isinstance(strength, Mapping):
         components = tuple(c for c in components if c in strength) or tuple(strength)
+    components = tuple(components) + tuple(
+        alias for alias, base in COMPONENT_ALIASES.items() if base in components and alias not in components)
     writers = list(writers) if writers is not None else find_writers(model, components)
     n_layers = len(find_layers(model))
     shared = None if isinstance(direction, Directions) else _as_basis(direction)

@@ -1,0 +1,313 @@
+"""Fast trial evaluation: refusal counts and first-token KL for one edit, as cheaply as the decisions allow.
+
+What makes a trial cheap (each is measured against a Heretic-style reference in ``bench/trial_speed.py``):
+
+* **Prefix reuse.** A weight edit of blocks ``≥ s`` cannot change the residual stream below block ``s``. The
+  evaluator records, once, the unedited stream at the input of every ``stride``-th block and the unedited
+  key/value cache of every block; a trial swaps blocks ``< s`` for replay stubs that hand back those tensors,
+  so only blocks ``≥ s`` run during the prefill.
+* **Early decisions.** Decoding stops for a prompt as soon as its refusal decision cannot change (a marker
+  matched; such a match stays matched in any longer text), or after ``decide_after`` clean tokens; finished
+  prompts leave the batch (their KV-cache rows are dropped).
+* **Last-position logits only** (``logits_to_keep=1``), no hidden states materialised, no ``generate()``.
+* **In-place weight edits** with a shared backup: no adapter layers in the hot loop, exact revert.
+* **KL ceiling (optional).** A trial whose KL already exceeds ``kl_ceiling`` is marked *pruned*; its refusals
+  are not counted (never reported as zero).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .architecture import block_output_tensor, find_layers
+from .capture import batched, chat_texts, encode, model_device
+from .edits import WeightBackup, WriterEdit, apply_edits, first_edited_layer
+from .metrics import MarkerDetector, eos_token_ids, greedy_decode, kl_from_logprobs
+from .prompts import PromptSet
+
+
+@dataclass
+class TrialResult:
+    """The outcome of one evaluated edit.
+
+    ``refusals`` is ``None`` when the trial was pruned by the KL ceiling. ``decisions`` / ``responses`` are per
+    harmful prompt, in the order given to the evaluator.
+    """
+
+    kl: float
+    refusals: int | None
+    n_prompts: int
+    decisions: list[bool] | None = None
+    responses: list[str] | None = None
+    pruned: bool = False
+    seconds: float = 0.0
+    decode_steps: int = 0
+    start_layer: int = 0
+    kl_per_prompt: list[float] = field(default_factory=list)
+
+    @property
+    def refusal_rate(self) -> float | None:
+        return None if self.refusals is None else self.refusals / self.n_prompts
+
+
+class _Replay(nn.Module):
+    """Stands in for an unedited block: writes its recorded keys/values and returns the recorded output."""
+
+    def __init__(self, index: int, output: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None, as_tuple: bool, original: nn.Module):
+        super().__init__()
+        self.index, self.output, self.kv, self.as_tuple = index, output, kv, as_tuple
+        self.attention_type = getattr(original, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None:  # some families (GPT-2) pass the cache positionally
+            cache = next((a for a in args if isinstance(a, Cache)), None)
+        if self.kv is not None and cache is not None:
+            cache.update(self.kv[0], self.kv[1], self.index)
+        out = self.output if self.output is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+@dataclass
+class _Batch:
+    inputs: dict[str, torch.Tensor]
+    order: list[int]  # indices into the prompt list
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # s -> input of block s [B, T, d]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block, unedited prompt keys/values
+
+
+class TrialEvaluator:
+    """Evaluate many edits of one model on fixed prompt sets.
+
+    ``bad``: prompts whose refusals are counted (harmful). ``good``: prompts for first-token KL (harmless).
+    ``detector``: a ``MarkerDetector`` (or any object with ``is_refusal(text)`` and, to allow early stopping on
+    a positive decision, ``matched(text)``). ``decide_after``: clean tokens after which a prompt counts as
+    answered. ``max_new_tokens``: hard cap (also when ``early_stop=False``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        bad: Sequence[str] | PromptSet,
+        good: Sequence[str] | PromptSet,
+        *,
+        detector=None,
+        decide_after: int = 16,
+        max_new_tokens: int = 100,
+        early_stop: bool = True,
+        kl_ceiling: float | None = None,
+        batch_size: int | None = None,
+        reuse_prefix: bool = True,
+        prefix_stride: int = 2,
+        chat_kwargs: dict | None = None,
+        progress: bool = True,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.detector = detector or MarkerDetector()
+        self.decide_after, self.max_new_tokens, self.early_stop = decide_after, max_new_tokens, early_stop
+        self.kl_ceiling = kl_ceiling
+        self.reuse_prefix, self.prefix_stride = reuse_prefix, max(1, prefix_stride)
+        self.bad_prompts, self.good_prompts = list(bad), list(good)
+        chat_kwargs = chat_kwargs or {}
+        self.n_blocks = len(find_layers(model))
+        self.batch_size = batch_size or 32
+        self.eos = eos_token_ids(model, tokenizer)
+        self.backup = WeightBackup()
+        self._progress = progress
+        self._kv_replayable = self.n_blocks
+        self._bad = self._prepare(chat_texts(tokenizer, bad, **chat_kwargs), with_kv=True)
+        self._good = self._prepare(chat_texts(tokenizer, good, **chat_kwargs), with_kv=False)
+        self.baseline_logprobs = self._first_token_logprobs(start_layer=0)
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+
+    def _checkpoints(self) -> list[int]:
+        return list(range(self.prefix_stride, self.n_blocks, self.prefix_stride)) if self.reuse_prefix else []
+
+    @torch.no_grad()
+    def _prepare(self, texts: list[str], with_kv: bool) -> list[_Batch]:
+        """Tokenize once, sorted by length (less padding), and record the unedited prefix tensors."""
+        device = model_device(self.model)
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        batches = []
+        blocks = find_layers(self.model)
+        checkpoints = set(self._checkpoints())
+        self._block_returns_tuple = False
+        for chunk in tqdm(list(batched(order, self.batch_size)), desc="record prefix", disable=not self._progress, leave=False):
+            batch = _Batch(encode(self.tokenizer, [texts[i] for i in chunk], device), list(chunk))
+            if checkpoints:
+                handles = []
+
+                def make_hook(index):
+                    def hook(module, args, output):
+                        self._block_returns_tuple = isinstance(output, tuple)
+                        if index + 1 in checkpoints:
+                            batch.block_inputs[index + 1] = block_output_tensor(output).detach().clone()
+
+                    return hook
+
+                try:
+                    handles = [b.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
+                    out = self.model(**batch.inputs, use_cache=with_kv, logits_to_keep=1)
+                finally:
+                    for h in handles:
+                        h.remove()
+                if with_kv:
+                    cache = out.past_key_values
+                    # Only plain full-attention cache layers can be replayed by a single update(); sliding-window
+                    # layers keep a truncated window with their own bookkeeping, so replay stops before them.
+                    self._kv_replayable = min(
+                        (i for i, layer in enumerate(cache.layers) if type(layer) is not DynamicLayer), default=len(cache.layers)
+                    )
+                    batch.kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers[: self._kv_replayable]]
+            batches.append(batch)
+        return batches
+
+    # -- replay ---------------------------------------------------------------------------------------------
+
+    def _usable_start(self, start_layer: int) -> int:
+        """The deepest recorded checkpoint at or below ``start_layer`` (0 = run everything)."""
+        usable = [s for s in self._checkpoints() if s <= start_layer]
+        return max(usable, default=0)
+
+    @contextmanager
+    def _replayed(self, batch: _Batch, start: int, with_kv: bool):
+        if start <= 0:
+            yield
+            return
+        blocks = find_layers(self.model)
+        originals = [blocks[i] for i in range(start)]
+        try:
+            for i in range(start):
+                kv = batch.kv[i] if (with_kv and batch.kv is not None) else None
+                output = batch.block_inputs[start] if i == start - 1 else None
+                blocks[i] = _Replay(i, output, kv, self._block_returns_tuple, originals[i])
+            yield
+        finally:
+            for i, original in enumerate(originals):
+                blocks[i] = original
+
+    # -- measurements ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _first_token_logprobs(self, start_layer: int) -> torch.Tensor:
+        start = self._usable_start(start_layer)
+        out = torch.empty(len(self.good_prompts), 0)
+        rows, values = [], []
+        for batch in self._good:
+            with self._replayed(batch, start, with_kv=False):
+                logits = self.model(**batch.inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+            values.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+            rows.extend(batch.order)
+        out = torch.empty(len(rows), values[0].shape[-1])
+        out[torch.tensor(rows)] = torch.cat(values)
+        return out
+
+    def kl(self, start_layer: int = 0) -> torch.Tensor:
+        """Per-prompt first-token ``KL(baseline ‖ current model)`` on the good prompts."""
+        return kl_from_logprobs(self.baseline_logprobs, self._first_token_logprobs(start_layer))
+
+    @torch.no_grad()
+    def decide(self, start_layer: int = 0) -> tuple[list[bool], list[str], int]:
+        """Refusal decision and response text per bad prompt, plus the number of decode steps run."""
+        start = self._usable_start(min(start_layer, self._kv_replayable))
+        decisions: list[bool | None] = [None] * len(self.bad_prompts)
+        responses = [""] * len(self.bad_prompts)
+        steps = 0
+        detector = self.detector
+        can_stop_positive = self.early_stop and hasattr(detector, "matched")
+        for batch in self._bad:
+            early: dict[int, bool] = {}
+
+            def stop(row: int, tokens: list[int]) -> bool:
+                if not self.early_stop:
+                    return False
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if can_stop_positive and detector.matched(text):
+                    early[row] = True
+                    return True
+                if len(tokens) >= self.decide_after:
+                    early[row] = False
+                    return True
+                return False
+
+            with self._replayed(batch, start, with_kv=True):
+                out = self.model(**batch.inputs, use_cache=True, logits_to_keep=1)
+            tokens = greedy_decode(
+                self.model, batch.inputs, self.max_new_tokens, self.eos, stop=stop,
+                past_key_values=out.past_key_values, first_logits=out.logits[:, -1],
+            )
+            steps += max((len(t) for t in tokens), default=0)
+            for row, (index, toks) in enumerate(zip(batch.order, tokens)):
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                responses[index] = text
+                decisions[index] = early[row] if row in early else bool(detector.is_refusal(text))
+        return [bool(d) for d in decisions], responses, steps
+
+    def evaluate(self, start_layer: int = 0) -> TrialResult:
+        """Measure the model as it is now (apply your edit first); ``start_layer``: the first block it changed."""
+        t0 = time.perf_counter()
+        kl_values = self.kl(start_layer)
+        kl = float(kl_values.mean())
+        if self.kl_ceiling is not None and kl > self.kl_ceiling:
+            return TrialResult(kl, None, len(self.bad_prompts), pruned=True, seconds=time.perf_counter() - t0,
+                               start_layer=start_layer, kl_per_prompt=kl_values.tolist())
+        decisions, responses, steps = self.decide(start_layer)
+        return TrialResult(kl, sum(decisions), len(decisions), decisions, responses, False,
+                           time.perf_counter() - t0, steps, start_layer, kl_values.tolist())
+
+    def evaluate_edits(self, edits: list[WriterEdit]) -> TrialResult:
+        """Apply ``edits`` in place, evaluate with prefix reuse below the first edited block, revert exactly."""
+        start = max(first_edited_layer(edits), 0) if edits else self.n_blocks
+        if any(e.writer.layer < 0 for e in edits):
+            start = 0
+        with apply_edits(self.model, edits, self.backup):
+            return self.evaluate(min(start, self.n_blocks))
+
+    def baseline(self) -> TrialResult:
+        return self.evaluate(self.n_blocks)
+
+
+def tune_batch_size(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    candidates: Sequence[int] = (8, 16, 32, 64, 128),
+    chat_kwargs: dict | None = None,
+) -> int:
+    """Pick the batch size with the best prompts/second for a prefill plus a few decode steps on this machine.
+
+    Stops growing at the first size that is slower than the best so far or runs out of memory.
+    """
+    texts = chat_texts(tokenizer, list(prompts), **(chat_kwargs or {}))
+    device = model_device(model)
+    eos = eos_token_ids(model, tokenizer)
+    best, best_rate = candidates[0], 0.0
+    for size in candidates:
+        if size > len(texts) and size != candidates[0]:
+            break
+        chunk = (texts * (size // max(len(texts), 1) + 1))[:size]
+        try:
+            t0 = time.perf_counter()
+            greedy_decode(model, encode(tokenizer, chunk, device), 4, eos)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rate = size / (time.perf_counter() - t0)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        if rate < best_rate * 1.05:
+            break
+        best, best_rate = size, rate
+    return best

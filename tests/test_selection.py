@@ -1,0 +1,131 @@
+"""Arditi-style direction selection, the cheap refusal metric and the safety-depth measures."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import hereticlab as hl
+from hereticlab.capture import encode
+from hereticlab.depth import per_position_kl, prefill_refusal, response_logprobs, response_nll
+from hereticlab.selection import (
+    Selection, candidate_directions, choose_candidate, plot_candidates, post_instruction_positions, refusal_log_odds,
+    refusal_metric, refusal_token_ids, score_candidates, select_direction, selection_from_frame,
+)
+
+from conftest import PROMPTS
+
+
+def synthetic_frame():
+    # layer 3 has the lowest bypass but fails induce; layer 9 is too deep (n_layers=10 → limit 8); layer 5 fails kl.
+    return pd.DataFrame([
+        {"position": -1, "layer": 3, "bypass": -5.0, "induce": -0.5, "kl": 0.01},
+        {"position": -1, "layer": 9, "bypass": -4.0, "induce": 2.0, "kl": 0.01},
+        {"position": -2, "layer": 5, "bypass": -3.0, "induce": 1.0, "kl": 0.50},
+        {"position": -2, "layer": 4, "bypass": -2.0, "induce": 0.5, "kl": 0.05},
+        {"position": -1, "layer": 6, "bypass": -1.0, "induce": 3.0, "kl": 0.02},
+    ])
+
+
+def test_selection_filters_respected():
+    frame = synthetic_frame()
+    assert choose_candidate(frame, n_layers=10) == 3  # (pos -2, layer 4)
+    assert choose_candidate(frame, n_layers=10, induce_min=None) == 0
+    assert choose_candidate(frame, n_layers=10, kl_max=1.0) == 2
+    assert choose_candidate(frame, n_layers=10, max_layer_frac=None) == 1
+    assert choose_candidate(frame, n_layers=10, induce_min=0.6) == 4  # layer 4's induce 0.5 no longer passes
+    assert choose_candidate(frame, n_layers=10, induce_min=10.0) is None
+    dirs = {p: hl.Directions(torch.randn(11, 8)) for p in (-1, -2)}
+    sel = selection_from_frame(frame, dirs, n_layers=10)
+    assert (sel.position, sel.layer) == (-2, 4) and torch.equal(sel.direction, dirs[-2].vectors[4])
+    assert sel.frame["passes"].tolist() == [False, False, False, True, True]
+    assert sel.frame["chosen"].sum() == 1 and bool(sel.frame.loc[3, "chosen"])
+    none = selection_from_frame(frame, dirs, n_layers=10, kl_max=0.001)
+    assert none.position is None and none.direction is None and not none.frame["chosen"].any()
+    fig = plot_candidates(sel)
+    assert len(fig.axes) >= 3
+
+
+def test_refusal_log_odds_exact():
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    out = refusal_log_odds(probs.log(), [0, 1])
+    expected = [math.log(0.3 / 0.7), math.log(0.8 / 0.2)]
+    assert torch.allclose(out.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+    # Stable when P_ref is tiny or ≈ 1.
+    lp = torch.log_softmax(torch.tensor([[60.0, 0.0, 0.0]]), -1)
+    assert torch.isfinite(refusal_log_odds(lp, [0])).all() and refusal_log_odds(lp, [0]).item() == pytest.approx(60 - math.log(2), abs=1e-4)
+
+
+def test_refusal_tokens_and_positions(tiny_llama):
+    model, tok = tiny_llama
+    ids = refusal_token_ids(tok)
+    assert ids[0] == tok.encode("I", add_special_tokens=False)[0] and len(set(ids)) == len(ids)
+    positions = post_instruction_positions(tok)
+    tail = "<|im_end|>\n<|im_start|>assistant\n"  # tiny template: specials are single tokens, bytes otherwise
+    assert positions == list(range(-len(tok.encode(tail, add_special_tokens=False)), 0))
+    metric = refusal_metric(model, tok, PROMPTS)
+    lp = hl.first_token_logprobs(model, tok, PROMPTS, progress=False)
+    assert torch.allclose(metric, refusal_log_odds(lp, ids))
+
+
+def test_scoring_on_tiny_model(tiny_llama):
+    model, tok = tiny_llama
+    dirs = candidate_directions(model, tok, PROMPTS[:3], PROMPTS[3:], positions=[-2, -1])
+    assert set(dirs) == {-2, -1} and dirs[-1].vectors.shape == (5, 64)
+    frame, baseline = score_candidates(model, tok, dirs, PROMPTS[:3], PROMPTS[3:], layers=[1, 2, 99])
+    assert len(frame) == 4 and set(frame.layer) == {1, 2}  # out-of-range layers dropped
+    assert frame[["bypass", "induce", "kl"]].notna().all().all() and (frame.kl >= -1e-6).all()
+    # The induce score is the metric under ActAdd of the raw direction at that layer.
+    r = dirs[-1].vectors[2]
+    with hl.activation_addition(model, r, layer=2):
+        expected = refusal_metric(model, tok, PROMPTS[3:]).mean()
+    got = frame[(frame.position == -1) & (frame.layer == 2)].induce.item()
+    assert got == pytest.approx(float(expected), abs=1e-5)
+    sel = select_direction(model, tok, PROMPTS[:3], PROMPTS[3:], PROMPTS[:3], PROMPTS[3:], positions=[-1], layers=[1, 2],
+                           induce_min=None, kl_max=None, max_layer_frac=None)
+    assert isinstance(sel, Selection) and sel.layer in (1, 2) and sel.direction.shape == (64,)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_teacher_forced_logprobs_match_full_forward(tiny_llama):
+    model, tok = tiny_llama
+    responses = ["Sure, here", "No"]
+    lp, valid = response_logprobs(model, tok, PROMPTS[:2], responses, max_tokens=8)
+    assert valid.sum(1).tolist() == [8, 2]
+    nll = response_nll(model, tok, PROMPTS[:2], responses, max_tokens=8, batch_size=1)
+    ids = [tok.encode(r, add_special_tokens=False)[:8] for r in responses]
+    manual = [-lp[i, torch.arange(len(t)), torch.tensor(t)].mean() for i, t in enumerate(ids)]
+    assert torch.allclose(nll, torch.stack(manual), atol=1e-5)
+    for i in range(2):
+        text = hl.format_chat(tok, [PROMPTS[i]])[0]
+        p_ids = tok.encode(text, add_special_tokens=False)
+        r_ids = tok.encode(responses[i], add_special_tokens=False)[:8]
+        full = torch.log_softmax(model(input_ids=torch.tensor([p_ids + r_ids])).logits[0].float(), -1)
+        for j in range(len(r_ids)):
+            assert torch.allclose(lp[i, j], full[len(p_ids) + j - 1], atol=1e-4)
+
+
+def test_per_position_kl(tiny_llama):
+    model, tok = tiny_llama
+    same = per_position_kl(model, tok, PROMPTS, "Sure, here is", None, max_tokens=6)
+    assert list(same.columns) == ["position", "kl", "kl_std", "n"] and same.kl.abs().max() < 1e-6
+    r = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    edited = per_position_kl(model, tok, PROMPTS, "Sure, here is", lambda: hl.ablate(model, r, components=("embed", "attn", "mlp")), max_tokens=6)
+    hooked = per_position_kl(model, tok, PROMPTS, "Sure, here is", lambda: hl.ablation_hooks(model, r), max_tokens=6)
+    assert (edited.kl > 0).all() and len(edited) == 6
+    assert edited.attrs["per_prompt"].shape == (5, 6)
+    assert (edited.kl - hooked.kl).abs().max() < 1e-5  # hooks ≡ weight orthogonalization of every writer
+
+
+def test_prefill_refusal(tiny_llama):
+    model, tok = tiny_llama
+    prefix = "Sure, here is how"
+    # A detector that records exactly what it judged: continuations only, never the forced prefix.
+    seen = []
+    detector = lambda texts: seen.extend(texts) or [t.startswith(" ") for t in texts]  # noqa: E731
+    frame = prefill_refusal(model, tok, PROMPTS, prefix, ks=(0, 2), detector=detector, max_new_tokens=3)
+    assert frame.k.tolist() == [0, 2] and frame.n.tolist() == [5, 5]
+    assert frame.attrs["responses"][0] == hl.generate(model, tok, PROMPTS, max_new_tokens=3, progress=False)
+    forced = hl.generate(model, tok, PROMPTS, max_new_tokens=3, progress=False, response_prefix="Su")
+    assert frame.attrs["responses"][2] == forced

@@ -1,0 +1,204 @@
+"""Activation addition, span capture, CAA / reading vectors, sweeps, and the chat comparison widget."""
+
+import pytest
+import torch
+
+import hereticlab as hl
+from hereticlab import steering as st
+from hereticlab.chat import ChatComparison, Variant, compare_chat, stream_generate
+from hereticlab.metrics import generate
+
+from conftest import PROMPTS
+
+
+def logits(model, tok, prompts=PROMPTS):
+    batch = hl.encode(tok, hl.format_chat(tok, prompts), torch.device("cpu"))
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response"])
+def test_alpha_zero_is_identity(tiny_llama, positions):
+    model, tok = tiny_llama
+    base = logits(model, tok)
+    with st.activation_addition(model, torch.randn(64), layer=[0, 2], alpha=0.0, positions=positions, prompt_length=30):
+        assert torch.equal(logits(model, tok), base)
+
+
+def test_context_manager_restores_logits_exactly(tiny_llama):
+    model, tok = tiny_llama
+    base = logits(model, tok)
+    v = torch.randn(64) * 5
+    with st.activation_addition(model, v, layer=1, alpha=2.0):
+        assert (logits(model, tok) - base).abs().max() > 1e-3
+    assert torch.equal(logits(model, tok), base)
+    with pytest.raises(RuntimeError):
+        with st.activation_addition(model, v, layer=1, alpha=2.0):
+            raise RuntimeError("boom")
+    assert torch.equal(logits(model, tok), base)
+
+
+def test_directions_vector_per_layer_and_negative_layer(tiny_llama):
+    model, tok = tiny_llama
+    base = logits(model, tok)
+    vecs = torch.zeros(5, 64)
+    vecs[3] = torch.randn(64) * 5
+    dirs = hl.Directions(vecs)
+    with st.activation_addition(model, dirs, layer=[1, 2], alpha=3.0):  # zero vectors at residuals 1, 2
+        assert torch.equal(logits(model, tok), base)
+    with st.activation_addition(model, dirs, layer=-1, alpha=3.0):  # block 3 ← vectors[3]
+        assert (logits(model, tok) - base).abs().max() > 1e-3
+
+
+def test_response_positions_with_prompt_length_leave_earlier_tokens_exact(tiny_llama):
+    model, tok = tiny_llama
+    base = logits(model, tok)
+    k = base.shape[1] - 4
+    with st.activation_addition(model, torch.randn(64) * 5, layer=1, alpha=2.0, positions="response", prompt_length=k):
+        out = logits(model, tok)
+    assert torch.equal(out[:, :k], base[:, :k])
+    assert (out[:, k:] - base[:, k:]).abs().max() > 1e-3
+
+
+def test_position_masks():
+    m = st.position_mask("prompt", batch=2, seq=3, offset=0, prompt_length=None)
+    assert m.all() and m.shape == (2, 3)
+    assert (~st.position_mask("response", batch=2, seq=3, offset=0, prompt_length=None)).all()
+    assert st.position_mask("response", batch=2, seq=1, offset=7, prompt_length=None).all()
+    per_row = st.position_mask("response", batch=2, seq=4, offset=0, prompt_length=[1, 3])
+    assert per_row.tolist() == [[False, True, True, True], [False, False, False, True]]
+    assert st.position_mask(slice(-1, None), batch=1, seq=4, offset=0, prompt_length=None).tolist() == [[False, False, False, True]]
+    assert st.position_mask(slice(2, 5), batch=1, seq=3, offset=3, prompt_length=None).tolist() == [[True, True, False]]
+    assert st.position_mask("all", batch=1, seq=3, offset=0, prompt_length=None) is None
+
+
+def test_cached_decoding_splits_prompt_and_response(tiny_llama):
+    model, tok = tiny_llama
+    seen = []
+
+    def record(index, hidden):
+        return hidden + 1.0
+
+    masks = []
+    original = st.position_mask
+
+    def spy(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        masks.append((kwargs["offset"], kwargs["seq"], None if mask is None else bool(mask.any())))
+        return mask
+
+    st.position_mask = spy
+    try:
+        with st.residual_input_hooks(model, 1, record, positions="response"):
+            generate(model, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
+    finally:
+        st.position_mask = original
+    assert masks[0][0] == 0 and masks[0][2] is False  # prefill: nothing steered
+    assert all(offset > 0 and seq == 1 and any_ for offset, seq, any_ in masks[1:]) and len(masks) == 3
+
+
+def test_capture_span_mean_matches_full_capture(tiny_llama):
+    model, tok = tiny_llama
+    prefix = hl.format_chat(tok, ["Tell me a joke."])[0]
+    cont = "Why did the chicken cross?"
+    n_pre = len(tok(prefix, add_special_tokens=False)["input_ids"])
+    n_all = len(tok(prefix + cont, add_special_tokens=False)["input_ids"])
+    full = hl.capture_residuals(model, tok, [prefix + cont], positions=list(range(n_pre, n_all)), chat=False, progress=False)
+    span = st.capture_span_mean(model, tok, [prefix, "x" + prefix], [cont, "ab"], progress=False)  # padded batch
+    assert span.shape == (2, 5, 64)
+    assert torch.allclose(span[0], full[0].mean(0), atol=1e-5)
+    first2 = st.capture_span_mean(model, tok, [prefix], [cont], start=0, stop=2, progress=False)
+    assert torch.allclose(first2[0], full[0, :2].mean(0), atol=1e-5)
+    empty = st.capture_span_mean(model, tok, [prefix], [""], progress=False)
+    last = hl.capture_residuals(model, tok, [prefix], chat=False, progress=False)
+    assert torch.allclose(empty[0], last[0], atol=1e-5)
+
+
+def test_ab_pairs_differ_only_in_letter_and_caa_vector(tiny_llama):
+    model, tok = tiny_llama
+    items = [("Is the sky green?", "Yes, certainly.", "No."), ("Is 2+2=5?", "Yes.", "No, it is 4."), ("Q3?", "agree", "disagree")]
+    pos, neg = st.ab_pair_texts(tok, items, seed=1)
+    for p, n in zip(pos, neg):
+        assert p[:-1] == n[:-1] and {p[-1], n[-1]} == {"A", "B"}
+    dirs = st.caa_vector(model, tok, items, seed=1, progress=False)
+    assert dirs.vectors.shape == (5, 64) and dirs.method == "caa"
+    acts_p = hl.capture_residuals(model, tok, pos, chat=False, progress=False)
+    acts_n = hl.capture_residuals(model, tok, neg, chat=False, progress=False)
+    assert torch.allclose(dirs.vectors, acts_p.mean(0) - acts_n.mean(0), atol=1e-5)
+
+
+def test_reading_vector_recovers_planted_direction():
+    gen = torch.Generator().manual_seed(0)
+    d, n = 32, 40
+    true = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    base = torch.randn(n, 2, d, generator=gen)
+    pos = base + 3.0 * true + 0.1 * torch.randn(n, 2, d, generator=gen)
+    neg = base + 0.1 * torch.randn(n, 2, d, generator=gen)
+    dirs = st.reading_vector(pos, neg, seed=0)
+    cos = torch.nn.functional.cosine_similarity(dirs.vectors, true.expand(2, d), dim=-1)
+    assert (cos > 0.99).all()  # sign fixed towards the positives
+    assert torch.allclose(dirs.vectors.norm(dim=-1), torch.full((2,), 3.0), atol=0.2)
+    s_pos, s_neg = st.reading_score(pos, dirs, 1), st.reading_score(neg, dirs, 1)
+    assert (s_pos > s_neg).all() and s_pos.mean() > 0 > s_neg.mean()  # paired stimuli: each pair ordered
+    assert dirs.meta["explained"][0] > 0.5
+
+
+def test_steering_sweep_frame(tiny_llama):
+    model, tok = tiny_llama
+    v = torch.randn(64)
+    frame = st.steering_sweep(model, tok, PROMPTS[:2], v, alphas=[0.0, 4.0], layers=[1, 2], max_new_tokens=3, progress=False)
+    assert len(frame) == 8 and {"layer", "alpha", "prompt", "response", "score"} <= set(frame.columns)
+    summary = frame.attrs["summary"]
+    assert len(summary) == 4
+    base = generate(model, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
+    assert frame[frame.alpha == 0.0].response.tolist() == base * 2
+    r = st.random_vector_like(v, seed=3)
+    assert torch.isclose(r.norm(), v.norm()) and not torch.allclose(r, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat comparison widget (headless)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_stream_generate_matches_batch_generate(tiny_llama):
+    model, tok = tiny_llama
+    parts = list(stream_generate(model, tok, PROMPTS[0], max_new_tokens=5))
+    assert len(parts) <= 5 and parts[-1] == generate(model, tok, PROMPTS[:1], max_new_tokens=5, progress=False)[0]
+
+
+def test_chat_comparison_headless_and_widget(tiny_llama):
+    model, tok = tiny_llama
+    base = logits(model, tok)
+    r = torch.randn(64)
+    v = torch.randn(64) * 5
+    steer = [
+        Variant("CAA", lambda alpha: st.activation_addition(model, v, layer=1, alpha=alpha), {"alpha": (-8, 8, 0.5, 0.0)}),
+        Variant("ablate-hooks", lambda strength: hl.ablation_hooks(model, r, strength=strength), {"strength": (0, 1, 0.1, 1.0)}),
+    ]
+    cmp = compare_chat(model, tok, edit=lambda: hl.ablate(model, r), steer=steer, max_new_tokens=4)
+    out = cmp.run(PROMPTS[0])
+    plain = generate(model, tok, PROMPTS[:1], max_new_tokens=4, progress=False)[0]
+    assert list(out) == ["original", "edited", "steered"]
+    assert out["original"] == plain and out["steered"] == plain  # α = 0 default
+    with hl.ablate(model, r):
+        assert out["edited"] == generate(model, tok, PROMPTS[:1], max_new_tokens=4, progress=False)[0]
+    assert torch.equal(logits(model, tok), base)
+
+    ui = cmp.widget
+    cmp.prompt_box.value = PROMPTS[1]
+    cmp.dropdowns["steered"].value = "CAA"
+    slider = cmp._slider_boxes["steered"].children[0]
+    slider.value = 8.0
+    streamed = []
+    cmp.run(on_token=lambda title, text: streamed.append(title))  # headless driving with a callback
+    cmp.button.click()  # the widget path
+    assert cmp.param_values["steered"] == {"alpha": 8.0} and cmp.prompt == PROMPTS[1]
+    with st.activation_addition(model, v, layer=1, alpha=8.0):
+        steered = generate(model, tok, PROMPTS[1:2], max_new_tokens=4, progress=False)[0]
+    assert cmp.responses["steered"] == steered
+    assert "original" in streamed and ui is cmp.widget
+    assert cmp._outputs["steered"].value.count("▌") == 0
+    cmp.dropdowns["steered"].value = "ablate-hooks"
+    assert [s.description for s in cmp._slider_boxes["steered"].children] == ["strength"]
+    assert torch.equal(logits(model, tok), base)
