@@ -1,7 +1,6 @@
 """Residual geometry tables, aligned projections, plots and the explorer widget on synthetic clusters."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -279,6 +278,8 @@ def test_explorer_callbacks_headless(small):
     assert ex.selected == near[0] and ex.picker.value == near[0]
     ex.select_point(None)
     assert ex.selected is None and ex.neighbours.options == ()
+    bundle = ex._repr_mimebundle_()  # the widget, with a static PNG fallback for saved notebooks
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "image/png" in bundle
 
 
 def test_explorer_without_edited_or_table(small):

@@ -154,7 +154,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     (["--harmful", "/nonexistent/prompts.txt"], "does not exist"),
     (["--storage", "nosuchdb://x"], "cannot open storage"),
     (["--model", "no/such/model/anywhere"], "no model folder"),
-    (["--model", "unknown-model-id"], "not"),
+    (["--model", "unknown-model-id"], "Hugging Face cache"),
     (["--trials", "0"], "at least 1"),
 ])
 def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, capsys, extra, message):

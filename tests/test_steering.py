@@ -70,6 +70,9 @@ def test_position_masks():
     assert st.position_mask(slice(-1, None), batch=1, seq=4, offset=0, prompt_length=None).tolist() == [[False, False, False, True]]
     assert st.position_mask(slice(2, 5), batch=1, seq=3, offset=3, prompt_length=None).tolist() == [[True, True, False]]
     assert st.position_mask("all", batch=1, seq=3, offset=0, prompt_length=None) is None
+    assert st.position_mask("last_prompt", batch=1, seq=3, offset=0, prompt_length=None).tolist() == [[False, False, True]]
+    assert not st.position_mask("last_prompt", batch=1, seq=1, offset=3, prompt_length=None).any()
+    assert st.position_mask("last_prompt", batch=2, seq=3, offset=0, prompt_length=[1, 3]).tolist() == [[True, False, False], [False, False, True]]
 
 
 def test_cached_decoding_splits_prompt_and_response(tiny_llama):

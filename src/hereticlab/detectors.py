@@ -585,7 +585,8 @@ def evaluate_detectors(detectors: Mapping[str, Detector] | Sequence[Detector], l
     dicts with ``prompt``, ``response``, ``label`` (True = refusal), or a path; default: the shipped set.
     Returns a DataFrame indexed by detector: precision, recall, f1, accuracy, tp, fp, fn, tn, ``ms_per_text``
     (wall time of one ``detect`` call over the whole set, divided by its size). With ``by_category`` it
-    returns per-category accuracy instead (rows: detector, columns: category).
+    returns per-category accuracy instead (rows: detector, columns: category); it is also kept in
+    ``table.attrs["by_category"]`` of the normal result, so one detection pass gives both.
     """
     import pandas as pd
 
@@ -601,12 +602,15 @@ def evaluate_detectors(detectors: Mapping[str, Detector] | Sequence[Detector], l
         result = detect_with(detector, texts, prompts)
         elapsed = time.perf_counter() - start
         rows[name] = {**confusion_metrics(result.decisions, labels), "ms_per_text": 1000 * elapsed / max(len(texts), 1)}
-        if by_category and "category" in frame:
+        if "category" in frame:
             correct = pd.Series([d == y for d, y in zip(result.decisions, labels)], index=frame.index)
             per_category[name] = correct.groupby(frame["category"]).mean()
+    categories = pd.DataFrame(per_category).T
     if by_category:
-        return pd.DataFrame(per_category).T
-    return pd.DataFrame(rows).T.astype({k: int for k in ("tp", "fp", "fn", "tn")})
+        return categories
+    table = pd.DataFrame(rows).T.astype({k: int for k in ("tp", "fp", "fn", "tn")})
+    table.attrs["by_category"] = categories
+    return table
 
 
 def default_detector() -> KeywordDetector:
@@ -679,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = evaluate_detectors(detectors, test)
     print(table.round(3).to_string())
     print("\naccuracy by category (test half):\n")
-    print(evaluate_detectors(detectors, test, by_category=True).T.round(2).to_string())
+    print(table.attrs["by_category"].T.round(2).to_string())
 
 
 if __name__ == "__main__":

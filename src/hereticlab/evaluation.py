@@ -311,3 +311,47 @@ def tune_batch_size(
             break
         best, best_rate = size, rate
     return best
+
+
+def scan_layers(
+    evaluator: TrialEvaluator,
+    directions,
+    *,
+    indices: Sequence[int] | None = None,
+    strength=1.0,
+    components: Sequence[str] = ("attn", "mlp"),
+    norm: str = "none",
+    progress: bool = True,
+):
+    """Ablate the direction taken at each residual index in turn (applied to every block, or per ``strength``)
+    and measure refusals and KL. Returns a DataFrame ``(index, refusals, refusal_rate, kl, seconds)``."""
+    import pandas as pd
+
+    from .edits import plan_ablation
+
+    indices = list(indices if indices is not None else range(1, directions.n_residuals))
+    rows = []
+    for index in tqdm(indices, desc="layer scan", disable=not progress):
+        edits = plan_ablation(evaluator.model, directions.at(index), strength, components=components, norm=norm)
+        r = evaluator.evaluate_edits(edits)
+        rows.append({"index": index, "refusals": r.refusals, "refusal_rate": r.refusal_rate, "kl": r.kl,
+                     "pruned": r.pruned, "seconds": round(r.seconds, 2)})
+    return pd.DataFrame(rows)
+
+
+def plot_layer_scan(scan, *, baseline_refusals: int | None = None, n_prompts: int | None = None):
+    """Refusals and KL against the residual index of the ablated direction (two y-axes). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(scan["index"], scan["refusals"], "o-", color="C0", label="refusals")
+    if baseline_refusals is not None:
+        ax.axhline(baseline_refusals, color="C0", ls=":", lw=1, label="baseline refusals")
+    ax.set_xlabel("residual index of the ablated direction")
+    ax.set_ylabel("refusals" + (f" / {n_prompts}" if n_prompts else ""), color="C0")
+    twin = ax.twinx()
+    twin.plot(scan["index"], scan["kl"], "s--", color="C3", label="KL")
+    twin.set_ylabel("first-token KL", color="C3")
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -175,6 +175,7 @@ def geometry_table(
     probe: bool = True,
     test_fraction: float = 0.25,
     seed: int = 0,
+    threads: int | None = 1,
 ):
     """One row per layer describing the good/bad residual geometry (a pandas DataFrame, index ``layer``).
 
@@ -183,8 +184,19 @@ def geometry_table(
     ``|g| |g*| |b| |b*| |r| |r*|``; ``silhouette`` of the labels; ``snr``, ``purity``, ``quality`` (the heuristic
     ``SNR · (1 − S(g,b)) · purity`` on the means); ``S(r,r_prev)`` / ``S(r*,r*_prev)``: cosine between this
     layer's direction and the previous row's (NaN on the first row); ``probe_acc``: held-out accuracy of a
-    linear probe (NaN if ``probe=False``). Undefined cosines (a zero vector) are NaN.
+    linear probe (NaN if ``probe=False``). Undefined cosines (a zero vector) are NaN. ``threads``: BLAS/OpenMP
+    threads for the scikit-learn parts (threadpoolctl; one is fastest for a few hundred points and avoids
+    spinning worker threads on a shared machine; ``None`` leaves the setting alone).
     """
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads) if threads is not None else nullcontext():
+        return _geometry_table(good, bad, layers, median_iters, probe, test_fraction, seed)
+
+
+def _geometry_table(good, bad, layers, median_iters, probe, test_fraction, seed):
     import pandas as pd
 
     good, bad = as_residuals(good), as_residuals(bad)

@@ -38,11 +38,13 @@ DEFAULT_STYLE = ScatterStyle()
 
 
 def new_figure(figsize=(5, 4.5), nrows: int = 1, ncols: int = 1, **subplots_kwargs):
-    """A ``Figure`` outside pyplot's figure manager (no duplicate display in notebooks, nothing left open) and
-    its axes (``squeeze`` as in ``plt.subplots``)."""
-    from matplotlib.figure import Figure
+    """A ``Figure`` already closed in pyplot (shown once when returned from a notebook cell, nothing left open) and
+    its axes (``squeeze`` as in ``plt.subplots``). Made through pyplot so that the notebook backend (and its PNG
+    display hook for figures) is activated."""
+    import matplotlib.pyplot as plt
 
-    fig = Figure(figsize=figsize)
+    fig = plt.figure(figsize=figsize)
+    plt.close(fig)
     return fig, fig.subplots(nrows, ncols, **subplots_kwargs)
 
 

@@ -130,15 +130,25 @@ def position_mask(
     - ``"prompt"`` / ``"response"``: split at ``prompt_length`` (an int, or one boundary per row, counted in the
       padded sequence). Without ``prompt_length`` the split follows the cache: tokens of a call that starts the
       sequence (``offset == 0``, the prefill) are prompt, tokens fed later (cached decoding) are response;
+    - ``"last_prompt"``: only the prompt's last token (position ``prompt_length − 1``; without it, the last token
+      of the prefill call) — where the next-token decision is read, as in function-vector / conceptor steering;
     - a ``slice`` of absolute positions (``slice(-1, None)``: the last token of each call);
     - a callable ``(offset, seq, device) → bool [seq] or [batch, seq]``.
     """
     if isinstance(positions, str):
         if positions == "all":
             return None
-        if positions not in ("prompt", "response"):
-            raise ValueError(f"positions must be 'all', 'prompt', 'response', a slice or a callable; got {positions!r}")
+        if positions not in ("prompt", "response", "last_prompt"):
+            raise ValueError(f"positions must be 'all', 'prompt', 'response', 'last_prompt', a slice or a callable; got {positions!r}")
         absolute = torch.arange(offset, offset + seq, device=device)
+        if positions == "last_prompt":
+            if prompt_length is None:
+                mask = torch.zeros(seq, dtype=torch.bool, device=device)
+                if offset == 0:
+                    mask[-1] = True
+                return mask[None].expand(batch, seq)
+            boundary = torch.as_tensor(prompt_length, device=device).reshape(-1, 1)
+            return (absolute[None] == boundary - 1).expand(batch, seq)
         if prompt_length is None:
             is_prompt = torch.full((seq,), offset == 0, dtype=torch.bool, device=device)
             mask = is_prompt if positions == "prompt" else ~is_prompt
@@ -230,7 +240,7 @@ def activation_addition(
 
     ``vector``: raw (unnormalized) ``[d]``, or ``Directions`` (block ``l`` gets ``vectors[l]``, residual index
     ``l``). ``positions``: ``"all"``, ``"prompt"`` / ``"response"`` (split at ``prompt_length``; without it,
-    the prefill is prompt and every cached decoding step is response), a slice of absolute positions, or a
+    the prefill is prompt and every cached decoding step is response), ``"last_prompt"``, a slice of absolute positions, or a
     callable; see ``position_mask``. ``alpha = 0`` leaves every activation bit for bit unchanged.
     """
 

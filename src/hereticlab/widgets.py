@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .geometry import BAD, GOOD, Projection, style_geometry_table
+from .geometry import Projection, style_geometry_table
 from .plots import DEFAULT_STYLE, ScatterStyle, draw_points, figure_png, new_figure, _limits
 
 
@@ -260,7 +260,14 @@ class GeometryExplorer:
     # -- display -----------------------------------------------------------------------------------------
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.ui._repr_mimebundle_(**kwargs)
+        """The widget, plus the current picture as a static PNG fallback (saved notebooks, GitHub, nbviewer)."""
+        import base64
+
+        bundle = self.ui._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if data is not None and not self.interactive and self.image.value:
+            data.setdefault("image/png", base64.b64encode(self.image.value).decode())
+        return bundle
 
 
 def explore(proj: Projection, table=None, **kwargs) -> GeometryExplorer:

@@ -1,0 +1,65 @@
+"""An ipywidgets trial picker: choose a search trial, see its responses next to the original model's."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+from .directions import Directions
+from .edits import apply_edits
+from .metrics import generate
+from .search import edits_from_params, pareto, trial_params, trials_table
+
+
+class TrialPicker:
+    """A dropdown of trials (Pareto front first) and a table of responses: original vs the selected trial's edit.
+
+    Original responses are generated once; each trial's responses are cached. ``select(n)`` does what choosing
+    trial ``n`` in the dropdown does, so the widget can be driven from code and tests.
+    """
+
+    def __init__(self, study, model, tokenizer, directions: Directions | Mapping[str, Directions], prompts: Sequence[str],
+                 *, max_new_tokens: int = 48, **chat_kwargs):
+        import ipywidgets as w
+
+        self.study, self.model, self.tokenizer, self.directions = study, model, tokenizer, directions
+        self.prompts, self.max_new_tokens, self.chat_kwargs = list(prompts), max_new_tokens, chat_kwargs
+        self._cache: dict[int, list[str]] = {}
+        self.original = generate(model, tokenizer, self.prompts, max_new_tokens=max_new_tokens, progress=False, **chat_kwargs)
+        front = set(pareto(study)["trial"]) if len(trials_table(study)) else set()
+        table = trials_table(study)
+        options = []
+        for _, row in table.sort_values(["refusals", "kl"], na_position="last").iterrows():
+            mark = "★ " if row.trial in front else ""
+            refusals = "pruned" if row.pruned else int(row.refusals)
+            options.append((f"{mark}#{int(row.trial)}: refusals {refusals}, KL {row.kl:.3f}", int(row.trial)))
+        self.dropdown = w.Dropdown(options=options, description="trial", layout=w.Layout(width="420px"))
+        self.output = w.HTML()
+        self.dropdown.observe(lambda change: self.select(change["new"]), names="value")
+        self.widget = w.VBox([self.dropdown, self.output])
+        if options:
+            self.select(options[0][1])
+
+    def responses(self, number: int) -> list[str]:
+        if number not in self._cache:
+            trial = self.study.trials[number]
+            edits = edits_from_params(self.model, self.directions, trial_params(trial))
+            with apply_edits(self.model, edits):
+                self._cache[number] = generate(self.model, self.tokenizer, self.prompts,
+                                               max_new_tokens=self.max_new_tokens, progress=False, **self.chat_kwargs)
+        return self._cache[number]
+
+    def table(self, number: int) -> pd.DataFrame:
+        return pd.DataFrame({"prompt": self.prompts, "original": self.original, f"trial #{number}": self.responses(number)})
+
+    def select(self, number: int) -> pd.DataFrame:
+        frame = self.table(number)
+        self.output.value = frame.to_html(index=False, escape=True).replace("<td>", '<td style="text-align:left;white-space:pre-wrap">')
+        self.selected = number
+        return frame
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
