@@ -100,6 +100,8 @@ def test_conceptor_steering_changes_and_restores(tiny_llama):
     with cp.conceptor_steering(model, {2: C}, beta=1.0):
         steered = logits(model, tok)
     assert (steered - base).abs().max() > 1e-4
+    with cp.conceptor_steering(model, {-2: C}, beta=1.0):  # negative keys count from the end (4 blocks)
+        assert torch.equal(logits(model, tok), steered)
     assert torch.equal(logits(model, tok), base)
     with cp.conceptor_steering(model, C, layer=2, beta=1.0, positions="response", prompt_length=base.shape[1] - 2):
         part = logits(model, tok)

@@ -77,7 +77,6 @@ def test_position_masks():
 
 def test_cached_decoding_splits_prompt_and_response(tiny_llama):
     model, tok = tiny_llama
-    seen = []
 
     def record(index, hidden):
         return hidden + 1.0

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .architecture import num_layers
 from .steering import Positions, residual_input_hooks
 
 DEFAULT_TOL = 1e-9  # eigenvalues below this count as zero (null space) in AND / OR
@@ -216,23 +217,20 @@ def conceptor_steering(
     omitted). ``positions`` / ``prompt_length`` as in ``activation_addition``. With ``C = I`` and ``β = 1``
     every activation is unchanged.
     """
+    n = num_layers(model)
     if isinstance(conceptor, dict):
-        table = dict(conceptor)
+        table = {(k + n if k < 0 else k): c for k, c in conceptor.items()}
         layers = list(table) if layer is None else ([layer] if isinstance(layer, int) else list(layer))
     else:
         if layer is None:
             raise ValueError("pass layer= for a single conceptor")
         layers = [layer] if isinstance(layer, int) else list(layer)
+        table = {}
+    layers = [index + n if index < 0 else index for index in layers]
+    if not isinstance(conceptor, dict):
         table = {index: conceptor for index in layers}
-    n = None
 
     def transform(index, hidden):
-        c = table.get(index)
-        if c is None:  # negative layer keys
-            nonlocal n
-            from .architecture import num_layers
-            n = n or num_layers(model)
-            c = table[index - n]
-        return c.apply(hidden, beta)
+        return table[index].apply(hidden, beta)
 
     return residual_input_hooks(model, layers, transform, positions=positions, prompt_length=prompt_length)

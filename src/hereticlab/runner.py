@@ -174,8 +174,27 @@ def _check_run_dir(config: RunConfig, out: Path) -> None:
         _atomic_write(settings, json.dumps(config.identity(), indent=2))
 
 
+class BehaviourDetector:
+    """Adapts a ``Behaviour`` to the evaluator's detector interface (``is_refusal`` = behaviour present).
+
+    ``matched`` (which lets decoding stop early on a final positive decision) exists only when the behaviour says
+    early stopping is safe for it.
+    """
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        if behaviour.early_stop_safe:
+            self.matched = lambda text: behaviour.decided([text])[0]
+
+    def is_refusal(self, text: str) -> bool:
+        return self.behaviour.is_present([text])[0]
+
+    def __call__(self, texts):
+        return self.behaviour.is_present(list(texts))
+
+
 def get_detector(config: RunConfig, behaviour):
-    return behaviour.detector if behaviour is not None and hasattr(behaviour, "detector") else MarkerDetector()
+    return MarkerDetector() if behaviour is None else BehaviourDetector(behaviour)
 
 
 def _behaviour(config: RunConfig):
@@ -238,11 +257,13 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     detector = get_detector(config, behaviour)
     batch = config.batch_size or tune_batch_size(model, tokenizer, list(splits["bad_search"])[:8],
                                                  candidates=(8, 16, 32, 64))
+    # Each PromptSet carries its own system prompt (behaviours contrast two of them).
     evaluator = TrialEvaluator(
         model, tokenizer, splits["bad_search"], splits["good_search"], detector=detector,
-        decide_after=config.decide_after, max_new_tokens=config.max_new_tokens, kl_ceiling=config.kl_ceiling,
-        batch_size=batch, chat_kwargs={"system_prompt": splits["bad_search"].system_prompt}, progress=progress,
-        early_stop=getattr(behaviour, "early_stop_safe", True) if behaviour is not None else True,
+        decide_after=config.decide_after if behaviour is None else behaviour.max_new_tokens,
+        max_new_tokens=config.max_new_tokens if behaviour is None else behaviour.max_new_tokens,
+        kl_ceiling=config.kl_ceiling, batch_size=batch, progress=progress,
+        early_stop=True if behaviour is None else behaviour.early_stop_safe,
     )
     baseline = evaluator.baseline()
     _atomic_write(out / "baseline.json", json.dumps({"refusals": baseline.refusals, "n_prompts": baseline.n_prompts,
@@ -281,7 +302,7 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
     result.chosen = chosen
     result.record = finalize(config, model, tokenizer, study, chosen, directions, splits, baseline, detector, out,
-                             log=log, seconds=time.perf_counter() - t0)
+                             log=log, seconds=time.perf_counter() - t0, behaviour=behaviour)
     write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
     return result
 
@@ -303,27 +324,28 @@ def write_tables(study, out: Path, *, kl_max: float, chosen: int | None = None) 
 
 
 def finalize(config, model, tokenizer, study, chosen, directions, splits, baseline, detector, out: Path, *, log=print,
-             seconds: float = 0.0) -> dict:
+             seconds: float = 0.0, behaviour=None) -> dict:
     """Re-measure the chosen trial on the held-out test prompts, export it, and write ``run.json``."""
     from .edits import apply_edits
     from .export import save_adapter, save_merged
 
     params = trial_params(chosen)
     edits = edits_from_params(model, directions, params)
-    chat = {"system_prompt": splits["bad_test"].system_prompt}
+    chat: dict = {}  # the PromptSets carry their own system prompts
+    new_tokens = config.final_new_tokens if behaviour is None else behaviour.max_new_tokens
     report = {}
     if len(splits["bad_test"]) and len(splits["good_test"]):
         base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], **chat)
-        before = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=config.final_new_tokens, **chat)
+        before = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens, **chat)
         with apply_edits(model, edits):
-            after = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=config.final_new_tokens, **chat)
+            after = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens, **chat)
             kl = kl_divergence(model, tokenizer, splits["good_test"], baseline=base_lp, **chat)
         report = {"n_prompts": len(before), "refusals_before": before.attrs["refusals"],
-                  "refusals_after": after.attrs["refusals"], "kl": kl, "max_new_tokens": config.final_new_tokens}
+                  "refusals_after": after.attrs["refusals"], "kl": kl, "max_new_tokens": new_tokens}
         examples = before[["prompt"]].assign(response_before=before["response"], refused_before=before["refused"],
                                              response_after=after["response"], refused_after=after["refused"])
         examples.to_csv(out / "test_responses.csv", index=False)
-        log(f"held-out test ({len(before)} harmful prompts, {config.final_new_tokens} new tokens): refusals "
+        log(f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {'refusals' if behaviour is None else behaviour.name} "
             f"{report['refusals_before']} → {report['refusals_after']}; KL on {len(splits['good_test'])} harmless = {kl:.3f}")
     hashes, adapter = {}, None
     if config.export:
