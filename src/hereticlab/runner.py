@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -48,12 +48,12 @@ class RunConfig:
     out: str = "runs/default"
     storage: str | None = None
     study_name: str = "hereticlab"
-    trials: int = 40
+    trials: int = 36
     startup_trials: int = 12
     seed: int = 0
     split_seed: int = 0
     train_prompts: int = 200
-    search_prompts: int = 50
+    search_prompts: int = 32
     methods: tuple[str, ...] = ("projected",)
     norms: tuple[str, ...] = ("none",)
     system_prompt: str | None = None
@@ -301,7 +301,8 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
         return result
     chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
     result.chosen = chosen
-    result.record = finalize(config, model, tokenizer, study, chosen, directions, splits, baseline, detector, out,
+    result.record = finalize(replace(config, batch_size=batch), model, tokenizer, study, chosen, directions, splits,
+                             baseline, detector, out,
                              log=log, seconds=time.perf_counter() - t0, behaviour=behaviour)
     write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
     return result
@@ -335,11 +336,13 @@ def finalize(config, model, tokenizer, study, chosen, directions, splits, baseli
     new_tokens = config.final_new_tokens if behaviour is None else behaviour.max_new_tokens
     report = {}
     if len(splits["bad_test"]) and len(splits["good_test"]):
-        base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], **chat)
-        before = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens, **chat)
+        base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], batch_size=config.batch_size, **chat)
+        before = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens,
+                              batch_size=config.batch_size, **chat)
         with apply_edits(model, edits):
-            after = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens, **chat)
-            kl = kl_divergence(model, tokenizer, splits["good_test"], baseline=base_lp, **chat)
+            after = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens,
+                              batch_size=config.batch_size, **chat)
+            kl = kl_divergence(model, tokenizer, splits["good_test"], baseline=base_lp, batch_size=config.batch_size, **chat)
         report = {"n_prompts": len(before), "refusals_before": before.attrs["refusals"],
                   "refusals_after": after.attrs["refusals"], "kl": kl, "max_new_tokens": new_tokens}
         examples = before[["prompt"]].assign(response_before=before["response"], refused_before=before["refused"],
