@@ -290,13 +290,13 @@ def tune_batch_size(
 
     Stops growing at the first size that is slower than the best so far or runs out of memory.
     """
-    texts = chat_texts(tokenizer, list(prompts), **(chat_kwargs or {}))
+    texts = chat_texts(tokenizer, prompts, **(chat_kwargs or {}))
     device = model_device(model)
     eos = eos_token_ids(model, tokenizer)
     best, best_rate = candidates[0], 0.0
     for size in candidates:
         if size > len(texts) and size != candidates[0]:
-            break
+            break  # batches larger than the prompt set are never used
         chunk = (texts * (size // max(len(texts), 1) + 1))[:size]
         try:
             t0 = time.perf_counter()

@@ -255,8 +255,7 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     directions = _load_or_compute_directions(config, model, tokenizer, splits, out)
     space = space or SearchSpace(methods=tuple(config.methods), norms=tuple(config.norms))
     detector = get_detector(config, behaviour)
-    batch = config.batch_size or tune_batch_size(model, tokenizer, list(splits["bad_search"])[:8],
-                                                 candidates=(8, 16, 32, 64))
+    batch = config.batch_size or tune_batch_size(model, tokenizer, splits["bad_search"], candidates=(8, 16, 32, 64))
     # Each PromptSet carries its own system prompt (behaviours contrast two of them).
     evaluator = TrialEvaluator(
         model, tokenizer, splits["bad_search"], splits["good_search"], detector=detector,
