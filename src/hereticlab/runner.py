@@ -48,8 +48,8 @@ class RunConfig:
     out: str = "runs/default"
     storage: str | None = None
     study_name: str = "hereticlab"
-    trials: int = 36
-    startup_trials: int = 12
+    trials: int = 30
+    startup_trials: int = 10
     seed: int = 0
     split_seed: int = 0
     train_prompts: int = 200
@@ -300,7 +300,8 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
         return result
     chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
     result.chosen = chosen
-    result.record = finalize(replace(config, batch_size=batch), model, tokenizer, study, chosen, directions, splits,
+    # Full-length generation of the final report is decode-bound: a larger batch amortizes each weight read.
+    result.record = finalize(replace(config, batch_size=max(batch, 32)), model, tokenizer, study, chosen, directions, splits,
                              baseline, detector, out,
                              log=log, seconds=time.perf_counter() - t0, behaviour=behaviour)
     write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
