@@ -141,11 +141,17 @@ def make_storage(storage: str | None, run_dir: str | Path | None = None):
     if storage.endswith((".journal", ".log")) and "://" not in storage:
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(storage))
-    try:
-        return RDBStorage(storage, heartbeat_interval=30, grace_period=120)
-    except Exception as exc:  # noqa: BLE001 - Optuna raises many kinds; the user needs one line
-        raise SearchError(f"cannot open storage {storage!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                          "pass a valid URL such as sqlite:///study.db") from None
+    for attempt in range(10):
+        try:
+            return RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+        except Exception as exc:  # noqa: BLE001 - Optuna raises many kinds; the user needs one line
+            # Workers starting together race to create the schema: retry those database errors only.
+            if type(exc).__name__ in ("IntegrityError", "OperationalError") and attempt < 9:
+                time.sleep(0.2 + 0.3 * attempt)
+                continue
+            raise SearchError(f"cannot open storage {storage!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              "pass a valid URL such as sqlite:///study.db") from None
+    raise AssertionError("unreachable")
 
 
 def open_study(name: str, storage, *, seed: int = 0, n_startup_trials: int = 10) -> optuna.Study:
