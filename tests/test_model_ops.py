@@ -114,10 +114,14 @@ def test_capture_positions_layers_and_stream_mean(tiny_llama):
 
 def test_capture_removes_hooks_on_error(tiny_llama):
     model, tok = tiny_llama
+    counts = lambda: [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # noqa: E731
+    before = counts()  # transformers 5 may keep its own output-capture hooks; ours must all be gone
     with pytest.raises(IndexError):
         hl.capture_residuals(model, tok, PROMPTS, layers=[99], progress=False)
-    hl.capture_residuals(model, tok, PROMPTS[:1], layers=[1], progress=False)
-    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError):
+        with hl.capture.residual_hooks(model, [1, 2], lambda i, h: (_ for _ in ()).throw(RuntimeError("boom"))):
+            model(**encode(tok, hl.format_chat(tok, PROMPTS[:1]), torch.device("cpu")))
+    assert counts() == before
 
 
 def test_capture_matches_hidden_states(tiny_llama):
