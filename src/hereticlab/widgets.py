@@ -82,7 +82,7 @@ class GeometryExplorer:
         self.show_means = w.Checkbox(value=style.show_means, description="means ✖", indent=False, layout=w.Layout(width="100px"))
         self.source = w.ToggleButtons(options=["original", "edited"], value="original", disabled=edited is None,
                                       tooltips=["unedited model", "edited model" if edited is not None else "no edited residuals given"])
-        label = lambda i: f"[{style.labels[proj.labels[i]][:4]}] {i}: {self.prompts[i][:70]}"  # noqa: E731
+        label = lambda i: f"[{style.labels[proj.labels[i]]}] {i}: {self.prompts[i][:70]}"  # noqa: E731
         self.picker = w.Select(options=[("(none)", -1)] + [(label(i), i) for i in range(n)], value=-1, rows=8,
                                description="prompt", layout=w.Layout(width="98%"))
         self.neighbours = w.Select(options=[], rows=min(k_nearest, 8), description="nearest",
@@ -173,7 +173,7 @@ class GeometryExplorer:
         self.info.value = (f"<b style='color:{colour}'>{html.escape(self._label(i))} #{i}</b> at layer {self.layer}:"
                            f"<div style='white-space:pre-wrap;max-height:8em;overflow:auto'>{html.escape(self.prompts[i])}</div>")
         near = self.nearest_prompts(i)
-        options = [(f"[{self._label(j)[:4]}] d={dist:.2f} {j}: {self.prompts[j][:60]}", j) for j, dist in near]
+        options = [(f"[{self._label(j)}] d={dist:.2f} {j}: {self.prompts[j][:60]}", j) for j, dist in near]
         self.neighbours.unobserve(self._on_neighbour, names="value")
         try:
             self.neighbours.options = options
