@@ -46,7 +46,8 @@ def save_merged(model: nn.Module, tokenizer, edits: Sequence[WriterEdit], folder
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     for name, candidate in model.named_modules():
         if candidate is module:
-            return name
+            # Inside a PEFT-wrapped model the original Linear lives on as ``<name>.base_layer``.
+            return name.removesuffix(".base_layer")
     raise ExportError("a writer module is not part of the model")
 
 
