@@ -47,8 +47,8 @@ def test_revert_restores_weights_bit_for_bit(fresh_llama):
     handle.revert()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    with hl.ablate(model, r, 1.0):
-        pass
+    with hl.ablate(model, r, 1.0) as edit:
+        assert edit.active and not torch.equal(model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -67,7 +67,8 @@ def test_shared_backup_reused_across_edits(fresh_llama):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for seed in range(3):
         with hl.ablate(model, torch.randn(64, generator=torch.Generator().manual_seed(seed)), 1.0, backup=backup):
-            pass
+            # each edit starts from the original weights, not from the previous (reverted) edit
+            assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, before["model.layers.1.self_attn.o_proj.weight"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
