@@ -88,3 +88,37 @@ def test_evaluator_restores_weights(model_tok):
 def test_tune_batch_size_returns_a_candidate(model_tok):
     model, tok = model_tok
     assert tune_batch_size(model, tok, BAD, candidates=(2, 4)) in (2, 4)
+
+
+def test_common_prefix_and_padding_after_it():
+    from hereticlab.evaluation import common_prefix_length, pad_after_prefix
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 8], [9]]) == 0 and common_prefix_length([]) == 0
+    batch = pad_after_prefix([[5, 6, 7], [8]], prefix_length=3, pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[3, 4, 5], [3, 3, 3]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_shared_prompt_prefix_changes_nothing(family):
+    """Running the common chat prefix once per trial gives the per-row results of running every row in full."""
+    model, tok = tiny_model(family, seed=5)
+    kwargs = dict(detector=FirstByteDetector(), batch_size=4, max_new_tokens=10, early_stop=False, progress=False)
+    shared = TrialEvaluator(model, tok, BAD, GOOD, **kwargs)
+    full = TrialEvaluator(model, tok, BAD, GOOD, share_prefix=False, **kwargs)
+    assert shared._bad.prefix_length >= 4 and shared._good.prefix_length >= 4
+    assert full._bad.prefix_length == 0
+    assert torch.allclose(shared.baseline_logprobs, full.baseline_logprobs, atol=1e-5)
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    edits = hl.plan_ablation(model, direction, hl.constant_kernel(4, 1.0, layers=[1, 2, 3]))
+    a, b = shared.evaluate_edits(edits), full.evaluate_edits(edits)
+    assert a.responses == b.responses and a.decisions == b.decisions
+    assert a.kl > 0 and a.kl == pytest.approx(b.kl, abs=1e-6)  # float32 summation order differs, nothing else
+
+
+def test_sliding_window_models_do_not_share_a_prefix():
+    model, tok = tiny_model("gemma3", seed=5)
+    ev = TrialEvaluator(model, tok, BAD, GOOD, batch_size=4, max_new_tokens=4, progress=False)
+    assert not ev.share_prefix and ev._bad.prefix_length == 0

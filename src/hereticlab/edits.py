@@ -8,7 +8,7 @@ and back. ``Q [d, k]`` has orthonormal columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -206,18 +206,21 @@ class EditHandle:
                         self._backup.save(p)
                         touched[id(p)] = p
             # Every edit is computed from the *original* weight, so edits of one parameter never compound
-            # unless the plan lists the same parameter twice (then they compose in plan order).
-            current: dict[int, torch.Tensor] = {}
+            # unless the plan lists the same parameter twice (then they compose in plan order). Each parameter is
+            # written as soon as its last edit is computed: at most one edited copy exists at a time (peak memory).
+            steps: dict[int, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
             for edit in self.edits:
-                w = edit.writer.weight
-                source = current.get(id(w), self._backup.original(w))
-                current[id(w)] = edit_weight(source, edit.writer.residual_axis, edit.basis, edit.strength, edit.norm)
-                b = edit.writer.bias_tensor
+                w, b = edit.writer.weight, edit.writer.bias_tensor
+                steps.setdefault(id(w), []).append(
+                    lambda x, e=edit: edit_weight(x, e.writer.residual_axis, e.basis, e.strength, e.norm))
                 if b is not None:
-                    source_b = current.get(id(b), self._backup.original(b))
-                    current[id(b)] = project_vector(source_b, edit.basis, edit.strength)
-            for key, value in current.items():
+                    steps.setdefault(id(b), []).append(lambda x, e=edit: project_vector(x, e.basis, e.strength))
+            for key, chain in steps.items():
+                value = self._backup.original(touched[key])
+                for step in chain:
+                    value = step(value)
                 touched[key].copy_(value)
+                del value
         self._params = list(touched.values())
         self.active = True
         return self

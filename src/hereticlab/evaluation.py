@@ -6,6 +6,10 @@ What makes a trial cheap (each is measured against a Heretic-style reference in 
   evaluator records, once, the unedited stream at the input of every ``stride``-th block and the unedited
   key/value cache of every block; a trial swaps blocks ``< s`` for replay stubs that hand back those tensors,
   so only blocks ``≥ s`` run during the prefill.
+* **Shared prompt prefix.** Chat-formatted prompts start with the same tokens (template header, system prompt).
+  Those are run once per trial as a one-row batch; every batch then prefills only its prompts' own tokens on top
+  of that cache, laid out as ``[shared prefix | left padding | prompt]`` with the padding masked out and position
+  ids continuing after the prefix (so each row computes exactly what it would alone).
 * **Early decisions.** Decoding stops for a prompt as soon as its refusal decision cannot change (a marker
   matched; such a match stays matched in any longer text), or after ``decide_after`` clean tokens; finished
   prompts leave the batch (their KV-cache rows are dropped).
@@ -25,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .architecture import block_output_tensor, find_layers
 from .capture import batched, chat_texts, encode, model_device
@@ -78,10 +82,58 @@ class _Replay(nn.Module):
 
 @dataclass
 class _Batch:
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]  # input_ids [B, T] (after the shared prefix), attention_mask [B, P + T], position_ids [B, T]
     order: list[int]  # indices into the prompt list
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # s -> input of block s [B, T, d]
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block, unedited prompt keys/values
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block, unedited keys/values of the T own tokens
+
+
+class _NotShareable(Exception):
+    """The model's cache cannot hold a shared prefix for a batch."""
+
+
+@dataclass
+class _PromptSet:
+    """Tokenized prompts of one side: the prefix all of them share (``[1, P]``, maybe empty) and the batches."""
+
+    prefix: torch.Tensor
+    batches: list[_Batch]
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix.shape[1]
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def pad_after_prefix(suffixes: Sequence[Sequence[int]], prefix_length: int, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Left-pad token lists that follow a shared cached prefix of ``prefix_length`` tokens.
+
+    Returns ``input_ids [B, T]``, ``attention_mask [B, P + T]`` (prefix ones, padding zeros, tokens ones) and
+    ``position_ids [B, T]`` continuing from ``P`` for each row's own tokens.
+    """
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+    own = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for row, tokens in enumerate(suffixes):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            own[row, width - len(tokens):] = 1
+    positions = (prefix_length + own.cumsum(-1) - 1).clamp(min=prefix_length)
+    mask = torch.cat([torch.ones(len(suffixes), prefix_length, dtype=torch.long), own], dim=1)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 class TrialEvaluator:
@@ -90,7 +142,10 @@ class TrialEvaluator:
     ``bad``: prompts whose refusals are counted (harmful). ``good``: prompts for first-token KL (harmless).
     ``detector``: a ``MarkerDetector`` (or any object with ``is_refusal(text)`` and, to allow early stopping on
     a positive decision, ``matched(text)``). ``decide_after``: clean tokens after which a prompt counts as
-    answered. ``max_new_tokens``: hard cap (also when ``early_stop=False``).
+    answered. ``max_new_tokens``: hard cap (also when ``early_stop=False``). ``reuse_prefix`` / ``prefix_stride``:
+    replay unedited blocks from tensors recorded at every ``prefix_stride``-th block. ``share_prefix``: run the
+    token prefix common to all prompts of a side once per trial (used when it is at least ``min_shared_prefix``
+    tokens and the model's cache is one plain key/value layer per block; otherwise every row runs in full).
     """
 
     def __init__(
@@ -108,6 +163,8 @@ class TrialEvaluator:
         batch_size: int | None = None,
         reuse_prefix: bool = True,
         prefix_stride: int = 2,
+        share_prefix: bool = True,
+        min_shared_prefix: int = 4,
         chat_kwargs: dict | None = None,
         progress: bool = True,
     ):
@@ -116,6 +173,7 @@ class TrialEvaluator:
         self.decide_after, self.max_new_tokens, self.early_stop = decide_after, max_new_tokens, early_stop
         self.kl_ceiling = kl_ceiling
         self.reuse_prefix, self.prefix_stride = reuse_prefix, max(1, prefix_stride)
+        self.share_prefix, self.min_shared_prefix = share_prefix and self._cache_is_shareable(model), min_shared_prefix
         self.bad_prompts, self.good_prompts = list(bad), list(good)
         chat_kwargs = chat_kwargs or {}
         self.n_blocks = len(find_layers(model))
@@ -133,18 +191,54 @@ class TrialEvaluator:
     def _checkpoints(self) -> list[int]:
         return list(range(self.prefix_stride, self.n_blocks, self.prefix_stride)) if self.reuse_prefix else []
 
+    @staticmethod
+    def _cache_is_shareable(model: nn.Module) -> bool:
+        """A cached prefix can be shared only by plain per-layer key/value caches (no sliding windows, no SSM state)."""
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+        return all(t == "full_attention" for t in layer_types) and not getattr(config, "is_encoder_decoder", False)
+
     @torch.no_grad()
-    def _prepare(self, texts: list[str], with_kv: bool) -> list[_Batch]:
-        """Tokenize once, sorted by length (less padding), and record the unedited prefix tensors."""
+    def _prefix_kv(self, side: _PromptSet) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys/values of the shared prefix under the current weights (one row, all blocks), or None without one."""
+        if not side.prefix_length:
+            return None
+        cache = self.model(input_ids=side.prefix, use_cache=True, logits_to_keep=1).past_key_values
+        if not (isinstance(cache, DynamicCache) and len(cache.layers) == self.n_blocks
+                and all(type(layer) is DynamicLayer for layer in cache.layers)):
+            raise _NotShareable
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @staticmethod
+    def _expanded(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int) -> DynamicCache | None:
+        if prefix_kv is None:
+            return None
+        return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv])
+
+    @torch.no_grad()
+    def _prepare(self, texts: list[str], with_kv: bool) -> _PromptSet:
+        """Tokenize once, find the shared prefix, sort by length (less padding), record the unedited prefix tensors."""
         device = model_device(self.model)
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
-        batches = []
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        shared = 0
+        if self.share_prefix and len(ids) > 1:
+            # Every prompt keeps at least one own token: its last position gives the next-token logits.
+            shared = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
+            if shared < self.min_shared_prefix:
+                shared = 0
+        side = _PromptSet(torch.tensor([ids[0][:shared]], dtype=torch.long, device=device), [])
+        try:
+            prefix_kv = self._prefix_kv(side)
+        except _NotShareable:  # not one plain key/value layer per block (SSM state, windows): no sharing
+            side.prefix, prefix_kv, self.share_prefix = side.prefix[:, :0], None, False
+        shared = side.prefix_length
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         blocks = find_layers(self.model)
         checkpoints = set(self._checkpoints())
         self._block_returns_tuple = False
         for chunk in tqdm(list(batched(order, self.batch_size)), desc="record prefix", disable=not self._progress, leave=False):
-            batch = _Batch(encode(self.tokenizer, [texts[i] for i in chunk], device), list(chunk))
+            batch = _Batch(pad_after_prefix([ids[i][shared:] for i in chunk], shared, pad, device), list(chunk))
             if checkpoints:
                 handles = []
 
@@ -158,7 +252,8 @@ class TrialEvaluator:
 
                 try:
                     handles = [b.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
-                    out = self.model(**batch.inputs, use_cache=with_kv, logits_to_keep=1)
+                    out = self.model(**batch.inputs, past_key_values=self._expanded(prefix_kv, len(chunk)),
+                                     use_cache=with_kv or bool(shared), logits_to_keep=1)
                 finally:
                     for h in handles:
                         h.remove()
@@ -169,9 +264,11 @@ class TrialEvaluator:
                     self._kv_replayable = min(
                         (i for i, layer in enumerate(cache.layers) if type(layer) is not DynamicLayer), default=len(cache.layers)
                     )
-                    batch.kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers[: self._kv_replayable]]
-            batches.append(batch)
-        return batches
+                    # Only the batch's own tokens: the shared prefix is recomputed (once) by every trial.
+                    batch.kv = [(layer.keys[:, :, shared:].clone(), layer.values[:, :, shared:].clone())
+                                for layer in cache.layers[: self._kv_replayable]]
+            side.batches.append(batch)
+        return side
 
     # -- replay ---------------------------------------------------------------------------------------------
 
@@ -202,11 +299,13 @@ class TrialEvaluator:
     @torch.no_grad()
     def _first_token_logprobs(self, start_layer: int) -> torch.Tensor:
         start = self._usable_start(start_layer)
-        out = torch.empty(len(self.good_prompts), 0)
         rows, values = [], []
-        for batch in self._good:
+        prefix_kv = self._prefix_kv(self._good)
+        for batch in self._good.batches:
+            cache = self._expanded(prefix_kv, len(batch.order))
             with self._replayed(batch, start, with_kv=False):
-                logits = self.model(**batch.inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+                logits = self.model(**batch.inputs, past_key_values=cache, use_cache=cache is not None,
+                                    logits_to_keep=1).logits[:, -1]
             values.append(torch.log_softmax(logits.float(), dim=-1).cpu())
             rows.extend(batch.order)
         out = torch.empty(len(rows), values[0].shape[-1])
@@ -226,7 +325,8 @@ class TrialEvaluator:
         steps = 0
         detector = self.detector
         can_stop_positive = self.early_stop and hasattr(detector, "matched")
-        for batch in self._bad:
+        prefix_kv = self._prefix_kv(self._bad)
+        for batch in self._bad.batches:
             early: dict[int, bool] = {}
 
             def stop(row: int, tokens: list[int]) -> bool:
@@ -242,7 +342,8 @@ class TrialEvaluator:
                 return False
 
             with self._replayed(batch, start, with_kv=True):
-                out = self.model(**batch.inputs, use_cache=True, logits_to_keep=1)
+                out = self.model(**batch.inputs, past_key_values=self._expanded(prefix_kv, len(batch.order)),
+                                 use_cache=True, logits_to_keep=1)
             tokens = greedy_decode(
                 self.model, batch.inputs, self.max_new_tokens, self.eos, stop=stop,
                 past_key_values=out.past_key_values, first_logits=out.logits[:, -1],
