@@ -50,3 +50,14 @@ def test_chat_formatting_options():
     sys = hl.format_chat(tok, ["hi"], system_prompt="Be brief.", response_prefix="Sure,")[0]
     assert sys.startswith("<|im_start|>system\nBe brief.") and sys.endswith("Sure,")
     assert hl.format_chat(tok, ["hi"], close_thinking=True)[0].endswith("<think>\n\n</think>\n\n")
+
+
+def test_packaged_prompt_folder_mirrors_the_repository():
+    """Wheels ship ``hereticlab/data/prompts`` (a link to ``prompts/`` in the source tree): it must resolve."""
+    from pathlib import Path
+
+    from hereticlab.prompts import PROMPTS_DIR
+
+    repo = Path(__file__).resolve().parents[1] / "prompts"
+    for name in ("harmful.txt", "harmless.txt", "behaviours/questions.txt", "personas/refusal.txt"):
+        assert (PROMPTS_DIR / name).read_text() == (repo / name).read_text()

@@ -10,7 +10,7 @@ import hereticlab as hl
 from hereticlab.capture import encode
 from hereticlab.depth import per_position_kl, prefill_refusal, response_logprobs, response_nll
 from hereticlab.selection import (
-    Selection, candidate_directions, choose_candidate, plot_candidates, post_instruction_positions, refusal_log_odds,
+    Selection, candidate_directions, choose_candidate, filter_training_prompts, plot_candidates, post_instruction_positions, refusal_log_odds,
     refusal_metric, refusal_token_ids, score_candidates, select_direction, selection_from_frame,
 )
 
@@ -45,6 +45,17 @@ def test_selection_filters_respected():
     assert none.position is None and none.direction is None and not none.frame["chosen"].any()
     fig = plot_candidates(sel)
     assert len(fig.axes) >= 3
+
+
+def test_training_filter_keeps_refused_harmful_and_answered_harmless():
+    bad = torch.tensor([1.5, -0.2, 0.3, -3.0, 2.0])
+    good = torch.tensor([-1.0, 0.5, -2.0, 0.0])
+    keep_bad, keep_good = filter_training_prompts(bad, good, min_keep=2)
+    assert keep_bad.tolist() == [True, False, True, False, True]
+    assert keep_good.tolist() == [True, False, True, False]
+    # Too few survivors on a side: that side is kept whole instead of averaging over one or two prompts.
+    keep_bad, keep_good = filter_training_prompts(bad, good, threshold=1.8, min_keep=2)
+    assert keep_bad.all() and keep_good.tolist() == [True, True, True, True]
 
 
 def test_refusal_log_odds_exact():

@@ -267,7 +267,8 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     baseline = evaluator.baseline()
     _atomic_write(out / "baseline.json", json.dumps({"refusals": baseline.refusals, "n_prompts": baseline.n_prompts,
                                                       "seconds": baseline.seconds}, indent=2))
-    log(f"baseline: {baseline.refusals}/{baseline.n_prompts} refusals on the search prompts "
+    counted = "refusals" if behaviour is None else f"responses with {behaviour.name}"
+    log(f"baseline: {baseline.refusals}/{baseline.n_prompts} {counted} on the search prompts "
         f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})")
     objective = make_objective(evaluator, model, directions, space, config.kl_floor)
     todo = worker_trials if worker_trials is not None else max(0, config.trials - len(finished_trials(study)))

@@ -68,6 +68,23 @@ def refusal_metric(
     return refusal_log_odds(logprobs, ids)
 
 
+def filter_training_prompts(
+    metric_bad: torch.Tensor, metric_good: torch.Tensor, *, threshold: float = 0.0, min_keep: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arditi et al.'s training filter: keep harmful prompts the model refuses (``metric > threshold``) and
+    harmless prompts it answers (``metric < threshold``), judged by the cheap metric of the unedited model.
+
+    Returns boolean masks ``([n_bad], [n_good])``. A side with fewer than ``min_keep`` survivors is kept whole
+    (a weak refuser would otherwise leave too few prompts for a stable mean); check ``mask.all()`` to see it.
+    """
+    keep_bad, keep_good = metric_bad > threshold, metric_good < threshold
+    if int(keep_bad.sum()) < min_keep:
+        keep_bad = torch.ones_like(keep_bad)
+    if int(keep_good.sum()) < min_keep:
+        keep_good = torch.ones_like(keep_good)
+    return keep_bad, keep_good
+
+
 def post_instruction_positions(tokenizer, n: int | None = None) -> list[int]:
     """Negative positions of the chat-template tokens after the user's text (``<|im_end|>…assistant\\n``).
 
