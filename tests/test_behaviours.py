@@ -31,11 +31,13 @@ def test_pairs_are_disjoint_reproducible_and_big_enough(name):
     assert len(bad_train) >= 100 and len(good_train) >= 100 and len(bad_eval) >= 50 and len(good_eval) >= 50
     for train, evaluation in ((bad_train, bad_eval), (good_train, good_eval)):
         assert not set(train) & set(evaluation)
-    # no eval question is a training question of either class
-    assert not (set(bad_eval) | set(good_eval)) & (set(bad_train) | set(good_train))
+    # no eval question is a training question of either class (style presets may add a request after the "?")
+    stem = lambda prompts: {p.split("? ")[0] for p in prompts}  # noqa: E731
+    assert not (stem(bad_eval) | stem(good_eval)) & (stem(bad_train) | stem(good_train))
     assert b.train_pair(0)[0].prompts == bad_train.prompts and b.train_pair(1)[0].prompts != bad_train.prompts
     if name != "refusal":
-        assert bad_train.prompts == good_train.prompts and bad_train.system_prompt != good_train.system_prompt
+        assert [stem([p]) for p in bad_train] == [stem([p]) for p in good_train]  # the same questions, paired
+        assert bad_train.system_prompt != good_train.system_prompt
         assert bad_eval.system_prompt == bad_train.system_prompt
 
 

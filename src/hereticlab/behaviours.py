@@ -273,12 +273,19 @@ def refusal_behaviour(detector=None) -> Behaviour:
     )
 
 
-def _style_behaviour(name, bad_system, good_system, scorer, *, count, early_stop_safe, max_new_tokens, unit, description, meta):
+def _with_suffix(prompts: PromptSet, suffix: str) -> PromptSet:
+    return prompts if not suffix else load_prompts([f"{q} {suffix}" for q in prompts], name=prompts.name)
+
+
+def _style_behaviour(name, bad_system, good_system, scorer, *, count, early_stop_safe, max_new_tokens, unit, description, meta,
+                     bad_suffix: str = "", good_suffix: str = ""):
+    """The same questions under a behaviour-eliciting and a discouraging system prompt (and optional request
+    suffixes in the user turn: small models follow a request there more readily than a system prompt)."""
     base = questions()
     return Behaviour(
         name=name,
-        bad=base.with_chat(system_prompt=bad_system),
-        good=base.with_chat(system_prompt=good_system),
+        bad=_with_suffix(base, bad_suffix).with_chat(system_prompt=bad_system),
+        good=_with_suffix(base, good_suffix).with_chat(system_prompt=good_system),
         scorer=scorer.score,
         decider=scorer.present,
         stopper=scorer.decided,
@@ -303,11 +310,21 @@ def slop_behaviour(*, min_hits: int = 2) -> Behaviour:
     )
 
 
-def humour_behaviour(*, min_hits: int = 2) -> Behaviour:
-    """Jokey vs serious answers to the same questions; score = humour cues per 100 words."""
+JOKEY_REQUEST = "Answer with a funny joke or pun first."
+SERIOUS_REQUEST = "Answer seriously and factually."
+
+
+def humour_behaviour(*, min_hits: int = 1) -> Behaviour:
+    """Jokey vs serious answers to the same questions; score = humour cues per 100 words.
+
+    The joke is asked for in the user turn as well as the system prompt: Qwen2.5-Coder-0.5B ignores a comedian
+    system prompt alone (0 of 32 answers had a humour cue), but answers "Why did the …? Because …" when asked.
+    One cue is enough to count (a short joke has one frame).
+    """
     cues = read_list("humour_cues.txt")
     return _style_behaviour(
         "humour", JOKEY_SYSTEM, SERIOUS_SYSTEM, PhraseScorer(cues, min_hits=min_hits),
+        bad_suffix=JOKEY_REQUEST, good_suffix=SERIOUS_REQUEST,
         count="present", early_stop_safe=True, max_new_tokens=64, unit=f"responses with ≥{min_hits} humour cues",
         description="Jokey answers (humour cue list: joke frames, interjections, emoji) vs serious answers.",
         meta={"cues": len(cues), "min_hits": min_hits},
