@@ -177,3 +177,31 @@ def test_changed_settings_do_not_clobber_a_run(tmp_path, capsys):
     assert cli.main(cli_args(out, "--trials", "1", "--no-export")) == 0
     assert cli.main(cli_args(out, "--trials", "1", "--no-export", "--train-prompts", "13")) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_mean_objective_behaviour_minimizes_the_mean_score():
+    """Verbosity's objective is mean words per response, not a count; a pruned trial scores ``worst``."""
+    from hereticlab.behaviours import get_behaviour
+    from hereticlab.evaluation import TrialResult
+    from hereticlab.runner import make_objective
+
+    model, _ = hl.load_model("tiny:llama")
+    dirs = hl.Directions(torch.randn(hl.num_layers(model) + 1, model.config.hidden_size))
+    words = get_behaviour("verbosity")
+
+    class StubEvaluator:
+        def __init__(self, results):
+            self.results = iter(results)
+
+        def evaluate_edits(self, edits):
+            return next(self.results)
+
+    answers = ["one two three", "four five six seven eight", "nine"]
+    results = [TrialResult(0.05, 1, 3, [False, True, False], answers), TrialResult(2.0, None, 3, pruned=True)]
+    objective = make_objective(StubEvaluator(results), model, dirs, SearchSpace(), 0.01, measure=words.measure, worst=50.0)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.optimize(objective, n_trials=2)
+    first, pruned = study.trials
+    assert first.values == [pytest.approx(3.0), pytest.approx(0.05)]  # (3 + 5 + 1) / 3 words
+    assert first.user_attrs["refusals"] == pytest.approx(3.0) and first.user_attrs["present"] == 1
+    assert pruned.values[0] == 50.0 and pruned.user_attrs["refusals"] is None

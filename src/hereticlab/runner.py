@@ -206,16 +206,26 @@ def _behaviour(config: RunConfig):
 
 
 def make_objective(evaluator: TrialEvaluator, model, directions, space: SearchSpace, kl_floor: float,
-                   extra_scorers: dict[str, Callable] | None = None):
-    """The Optuna objective: sample, edit in place, evaluate with prefix reuse, revert; store details as attrs."""
+                   extra_scorers: dict[str, Callable] | None = None, measure: Callable[[list[str]], float] | None = None,
+                   worst: float | None = None):
+    """The Optuna objective: sample, edit in place, evaluate with prefix reuse, revert; store details as attrs.
+
+    ``measure``: turns the responses into the first objective instead of counting decisions (a behaviour whose
+    objective is a mean score, e.g. words); a pruned trial then scores ``worst``. The count of responses where the
+    behaviour is present is kept as the ``present`` attribute.
+    """
 
     def objective(trial: optuna.Trial):
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
         edits = edits_from_params(model, directions, params, space.components)
         result = evaluator.evaluate_edits(edits)
+        value = result.refusals
+        if measure is not None:
+            trial.set_user_attr("present", result.refusals)
+            value = None if result.pruned else round(float(measure(result.responses)), 4)
         trial.set_user_attr("kl", result.kl)
-        trial.set_user_attr("refusals", result.refusals)
+        trial.set_user_attr("refusals", value)
         trial.set_user_attr("pruned", result.pruned)
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("decode_steps", result.decode_steps)
@@ -224,7 +234,7 @@ def make_objective(evaluator: TrialEvaluator, model, directions, space: SearchSp
 
             with apply_edits(model, edits, evaluator.backup):
                 trial.set_user_attr(name, float(scorer(model, evaluator.tokenizer)))
-        return objective_values(result.refusals, result.kl, n_prompts=result.n_prompts, kl_floor=kl_floor)
+        return objective_values(value, result.kl, n_prompts=result.n_prompts, kl_floor=kl_floor, worst=worst)
 
     return objective
 
@@ -270,7 +280,11 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     counted = "refusals" if behaviour is None else f"responses with {behaviour.name}"
     log(f"baseline: {baseline.refusals}/{baseline.n_prompts} {counted} on the search prompts "
         f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})")
-    objective = make_objective(evaluator, model, directions, space, config.kl_floor)
+    measure = worst = None
+    if behaviour is not None and behaviour.count == "mean":  # e.g. verbosity: minimize mean words, not a count
+        measure, worst = behaviour.measure, behaviour.measure(baseline.responses)
+        log(f"objective: mean {behaviour.unit.removeprefix('mean ')} per response (baseline {worst:.1f})")
+    objective = make_objective(evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst)
     todo = worker_trials if worker_trials is not None else max(0, config.trials - len(finished_trials(study)))
     interrupted = False
     if todo:
@@ -346,11 +360,16 @@ def finalize(config, model, tokenizer, study, chosen, directions, splits, baseli
             kl = kl_divergence(model, tokenizer, splits["good_test"], baseline=base_lp, batch_size=config.batch_size, **chat)
         report = {"n_prompts": len(before), "refusals_before": before.attrs["refusals"],
                   "refusals_after": after.attrs["refusals"], "kl": kl, "max_new_tokens": new_tokens}
+        if behaviour is not None:  # the behaviour's own objective (a count or a mean score) on the test prompts
+            report["measure_before"] = behaviour.measure(list(before["response"]))
+            report["measure_after"] = behaviour.measure(list(after["response"]))
         examples = before[["prompt"]].assign(response_before=before["response"], refused_before=before["refused"],
                                              response_after=after["response"], refused_after=after["refused"])
         examples.to_csv(out / "test_responses.csv", index=False)
         log(f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {'refusals' if behaviour is None else behaviour.name} "
             f"{report['refusals_before']} → {report['refusals_after']}; KL on {len(splits['good_test'])} harmless = {kl:.3f}")
+        if behaviour is not None and behaviour.count == "mean":
+            log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
     hashes, adapter = {}, None
     if config.export:
         hashes = save_merged(model, tokenizer, edits, out / "model")

@@ -275,9 +275,13 @@ def plot_pareto(study_or_table, *, ax=None, kl_max: float | None = None, chosen:
     return fig
 
 
-def objective_values(refusals: int | None, kl: float, *, n_prompts: int, kl_floor: float = 0.01) -> tuple[float, float]:
-    """What the optimizer sees. A pruned trial (``refusals=None``) counts as refusing everything; KL below
-    ``kl_floor`` counts as ``kl_floor``, so near-no-op trials (tiny KL, baseline refusals) cannot dominate the front
-    by KL alone and TPE's attention goes to trials that remove refusals."""
-    r = float(n_prompts if refusals is None else refusals)
+def objective_values(refusals: float | None, kl: float, *, n_prompts: int, kl_floor: float = 0.01,
+                     worst: float | None = None) -> tuple[float, float]:
+    """What the optimizer sees. A pruned trial (``refusals=None``) counts as refusing everything (or ``worst``,
+    for objectives that are not counts); KL below ``kl_floor`` counts as ``kl_floor``, so near-no-op trials (tiny
+    KL, baseline refusals) cannot dominate the front by KL alone and TPE's attention goes to trials that remove
+    refusals."""
+    if refusals is None:
+        refusals = n_prompts if worst is None else worst
+    r = float(refusals)
     return r, max(float(kl), kl_floor) if math.isfinite(kl) else 1e6
