@@ -122,3 +122,29 @@ def test_sliding_window_models_do_not_share_a_prefix():
     model, tok = tiny_model("gemma3", seed=5)
     ev = TrialEvaluator(model, tok, BAD, GOOD, batch_size=4, max_new_tokens=4, progress=False)
     assert not ev.share_prefix and ev._bad.prefix_length == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fast_paths_pass_their_self_check_on_the_installed_transformers(family):
+    model, tok = tiny_model(family, seed=4)
+    ev = TrialEvaluator(model, tok, BAD, GOOD, batch_size=4, max_new_tokens=8, prefix_stride=1, progress=False)
+    assert ev.fast_paths_checked and ev.reuse_prefix and ev.share_prefix
+
+
+def test_a_broken_fast_path_falls_back_to_the_plain_path_with_one_warning(model_tok, monkeypatch):
+    """Simulates transformers 5.25's renamed cache keyword: replay stubs no longer write the recorded keys/values."""
+    from hereticlab import compat
+
+    model, tok = model_tok
+    plain = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=8,
+                           decide_after=8, reuse_prefix=False, share_prefix=False, progress=False)
+    monkeypatch.setattr(compat, "write_layer", lambda *args: None)
+    with pytest.warns(compat.CompatibilityWarning, match=r"transformers \d") as caught:
+        ev = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=8,
+                            decide_after=8, prefix_stride=1, progress=False)
+    assert len(caught) == 1 and not ev.fast_paths_checked and not ev.reuse_prefix and not ev.share_prefix
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    edits = hl.plan_ablation(model, direction, hl.constant_kernel(4, 1.0, layers=[2, 3]))
+    got, want = ev.evaluate_edits(edits), plain.evaluate_edits(edits)
+    assert got.decisions == want.decisions and got.responses == want.responses
+    assert got.kl == pytest.approx(want.kl, abs=1e-6) and got.kl > 0

@@ -204,3 +204,44 @@ def test_chat_comparison_headless_and_widget(tiny_llama):
     cmp.dropdowns["steered"].value = "ablate-hooks"
     assert [s.description for s in cmp._slider_boxes["steered"].children] == ["strength"]
     assert torch.equal(logits(model, tok), base)
+
+
+def _decode_offsets(model, tok):
+    """Offsets the steering hook saw during a 3-token cached generation of two prompts."""
+    seen = []
+    original = st.position_mask
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["offset"])
+        return original(*args, **kwargs)
+
+    st.position_mask = spy
+    try:
+        with st.residual_input_hooks(model, 1, lambda index, hidden: hidden + 1.0, positions="response"):
+            out = generate(model, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
+    finally:
+        st.position_mask = original
+    return seen, out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_blocks_can_read_the_cache_position_on_the_installed_transformers(family):
+    from hereticlab import compat
+    from hereticlab.testing import tiny_model
+
+    model, _ = tiny_model(family, seed=0)
+    assert compat.check_cache_offsets(model, hl.find_layers(model))
+
+
+def test_position_bookkeeping_from_the_attention_mask_equals_the_cache_path(tiny_llama):
+    """The fallback used when a release hides the cache from blocks counts the same absolute positions."""
+    model, tok = tiny_llama
+    width = hl.encode(tok, hl.format_chat(tok, PROMPTS[:2]), torch.device("cpu"))["input_ids"].shape[1]
+    from_cache, texts_cache = _decode_offsets(model, tok)
+    model._hereticlab_cache_offsets_ok = False
+    try:
+        from_mask, texts_mask = _decode_offsets(model, tok)
+    finally:
+        del model._hereticlab_cache_offsets_ok
+    assert from_cache == from_mask == [0, width, width + 1]
+    assert texts_cache == texts_mask

@@ -19,6 +19,7 @@ from typing import Callable, ContextManager, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import compat
 from .capture import encode, model_device
 from .metrics import eos_token_ids
 from .prompts import format_chat
@@ -50,10 +51,10 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens:
     text = format_chat(tokenizer, [prompt], system_prompt=system_prompt)[0] if chat else prompt
     batch = encode(tokenizer, [text], model_device(model))
     eos = eos_token_ids(model, tokenizer)
-    out = model(**batch, use_cache=True, logits_to_keep=1)
-    cache, mask, position = out.past_key_values, batch["attention_mask"], batch["position_ids"][:, -1:]
+    logits, cache = compat.forward(model, batch, use_cache=True)
+    mask, position = batch["attention_mask"], batch["position_ids"][:, -1:]
     tokens: list[int] = []
-    token = int(out.logits[0, -1].argmax())
+    token = int(logits[0, -1].argmax())
     for step in range(max_new_tokens):
         if token in eos:
             break
@@ -63,10 +64,9 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         position = position + 1
-        out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        token = int(out.logits[0, -1].argmax())
+        logits, cache = compat.forward(model, {"input_ids": torch.tensor([[token]], device=mask.device),
+                                               "attention_mask": mask, "position_ids": position}, cache=cache)
+        token = int(logits[0, -1].argmax())
 
 
 class ChatComparison:

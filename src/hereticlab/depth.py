@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import compat
 from .capture import auto_batch_size, batched, model_device
 from .metrics import MarkerDetector, eos_token_ids, greedy_decode
 from .capture import encode
@@ -57,7 +58,7 @@ def _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs):
 def _batch_logprobs(model, tokenizer, texts, rids, K):
     """``logprobs [b, K, vocab]`` at the teacher-forced response positions, ``valid [b, K]``, ``targets [b, K]``."""
     batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
-    logits = model(**batch, use_cache=False, logits_to_keep=K + 1).logits.float()  # the last K+1 positions
+    logits = compat.forward(model, batch, last=K + 1)[0].float()  # the last K+1 positions
     lp = torch.log_softmax(logits, dim=-1).cpu()
     out = torch.zeros(len(texts), K, lp.shape[-1])
     valid = torch.zeros(len(texts), K, dtype=torch.bool)

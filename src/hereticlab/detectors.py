@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_chec
 
 import torch
 
+from . import compat
 from .metrics import ARDITI_MARKERS, DEFAULT_MARKERS, MarkerDetector, normalize_text
 from .prompts import format_chat, strip_thinking
 
@@ -461,7 +462,7 @@ class SelfJudgeDetector(BaseDetector):
         out: list[float] = []
         for start in range(0, len(formatted), self.batch_size):
             batch = encode(self.tokenizer, formatted[start : start + self.batch_size], device)
-            logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            logits = compat.forward(self.model, batch)[0][:, -1].float()
             probs = torch.softmax(logits, dim=-1)
             p_yes = probs[:, self.yes_ids].sum(-1)
             p_no = probs[:, self.no_ids].sum(-1)

@@ -29,8 +29,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
+from . import compat
 from .architecture import block_output_tensor, find_layers
 from .capture import batched, chat_texts, encode, model_device
 from .edits import WeightBackup, WriterEdit, apply_edits, first_edited_layer
@@ -71,11 +72,9 @@ class _Replay(nn.Module):
         self.attention_type = getattr(original, "attention_type", None)
 
     def forward(self, hidden_states, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None:  # some families (GPT-2) pass the cache positionally
-            cache = next((a for a in args if isinstance(a, Cache)), None)
+        cache = compat.cache_in_call(args, kwargs)
         if self.kv is not None and cache is not None:
-            cache.update(self.kv[0], self.kv[1], self.index)
+            compat.write_layer(cache, self.kv[0], self.kv[1], self.index)
         out = self.output if self.output is not None else hidden_states
         return (out,) if self.as_tuple else out
 
@@ -182,8 +181,10 @@ class TrialEvaluator:
         self.backup = WeightBackup()
         self._progress = progress
         self._kv_replayable = self.n_blocks
-        self._bad = self._prepare(chat_texts(tokenizer, bad, **chat_kwargs), with_kv=True)
-        self._good = self._prepare(chat_texts(tokenizer, good, **chat_kwargs), with_kv=False)
+        self._texts = {"bad": chat_texts(tokenizer, bad, **chat_kwargs), "good": chat_texts(tokenizer, good, **chat_kwargs)}
+        self._bad = self._prepare(self._texts["bad"], with_kv=True)
+        self._good = self._prepare(self._texts["good"], with_kv=False)
+        self.fast_paths_checked = self._check_fast_paths()
         self.baseline_logprobs = self._first_token_logprobs(start_layer=0)
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -203,22 +204,19 @@ class TrialEvaluator:
         """Keys/values of the shared prefix under the current weights (one row, all blocks), or None without one."""
         if not side.prefix_length:
             return None
-        cache = self.model(input_ids=side.prefix, use_cache=True, logits_to_keep=1).past_key_values
-        if not (isinstance(cache, DynamicCache) and len(cache.layers) == self.n_blocks
-                and all(type(layer) is DynamicLayer for layer in cache.layers)):
+        _, cache = compat.forward(self.model, {"input_ids": side.prefix}, use_cache=True)
+        if cache is None or len(cache.layers) != self.n_blocks or compat.plain_layer_count(cache) != self.n_blocks:
             raise _NotShareable
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return compat.layer_keys_values(cache)
 
     @staticmethod
     def _expanded(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int) -> DynamicCache | None:
         if prefix_kv is None:
             return None
-        return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv])
+        return compat.cache_from_keys_values([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv])
 
-    @torch.no_grad()
-    def _prepare(self, texts: list[str], with_kv: bool) -> _PromptSet:
-        """Tokenize once, find the shared prefix, sort by length (less padding), record the unedited prefix tensors."""
-        device = model_device(self.model)
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        """Token ids per text and the length of the prefix they share (0 when sharing is off or too short)."""
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         shared = 0
         if self.share_prefix and len(ids) > 1:
@@ -226,6 +224,16 @@ class TrialEvaluator:
             shared = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
             if shared < self.min_shared_prefix:
                 shared = 0
+        return ids, shared
+
+    def _prepare(self, texts: list[str], with_kv: bool) -> _PromptSet:
+        """Tokenize once, find the shared prefix, sort by length (less padding), record the unedited prefix tensors."""
+        ids, shared = self._tokenize(texts)
+        return self._record(ids, shared, with_kv)
+
+    @torch.no_grad()
+    def _record(self, ids: list[list[int]], shared: int, with_kv: bool) -> _PromptSet:
+        device = model_device(self.model)
         side = _PromptSet(torch.tensor([ids[0][:shared]], dtype=torch.long, device=device), [])
         try:
             prefix_kv = self._prefix_kv(side)
@@ -233,7 +241,7 @@ class TrialEvaluator:
             side.prefix, prefix_kv, self.share_prefix = side.prefix[:, :0], None, False
         shared = side.prefix_length
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         blocks = find_layers(self.model)
         checkpoints = set(self._checkpoints())
         self._block_returns_tuple = False
@@ -252,23 +260,75 @@ class TrialEvaluator:
 
                 try:
                     handles = [b.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
-                    out = self.model(**batch.inputs, past_key_values=self._expanded(prefix_kv, len(chunk)),
-                                     use_cache=with_kv or bool(shared), logits_to_keep=1)
+                    _, cache = compat.forward(self.model, batch.inputs, cache=self._expanded(prefix_kv, len(chunk)),
+                                              use_cache=with_kv or bool(shared))
                 finally:
                     for h in handles:
                         h.remove()
                 if with_kv:
-                    cache = out.past_key_values
                     # Only plain full-attention cache layers can be replayed by a single update(); sliding-window
                     # layers keep a truncated window with their own bookkeeping, so replay stops before them.
-                    self._kv_replayable = min(
-                        (i for i, layer in enumerate(cache.layers) if type(layer) is not DynamicLayer), default=len(cache.layers)
-                    )
+                    self._kv_replayable = compat.plain_layer_count(cache)
                     # Only the batch's own tokens: the shared prefix is recomputed (once) by every trial.
-                    batch.kv = [(layer.keys[:, :, shared:].clone(), layer.values[:, :, shared:].clone())
-                                for layer in cache.layers[: self._kv_replayable]]
+                    batch.kv = [(k[:, :, shared:].clone(), v[:, :, shared:].clone())
+                                for k, v in compat.layer_keys_values(cache, self._kv_replayable)]
             side.batches.append(batch)
         return side
+
+    @torch.no_grad()
+    def _check_fast_paths(self, steps: int = 8) -> bool:
+        """Do prefix replay and the shared prefix reproduce a plain forward on this transformers release?
+
+        For the first prompt of each side, recorded alone with the same shared prefix, the fast path replaying as
+        many blocks as possible must give the plain forward's first-token log-probs (to 1e-4 in fp32; 0.05 in half
+        precision, where splitting a prefill legitimately rounds differently) and the same greedy tokens. On a
+        mismatch both fast paths are switched off with one warning: slower, never wrong.
+        """
+        if not (self.reuse_prefix or self.share_prefix):
+            return True
+        device = model_device(self.model)
+        exact = next(self.model.parameters()).dtype in (torch.float32, torch.float64)
+        tolerance, n_tokens = (1e-4, steps) if exact else (5e-2, 1)
+        start = max(self._checkpoints(), default=0)
+        problem = None
+        for name, decode in (("good", False), ("bad", True)):
+            ids, shared = self._tokenize(self._texts[name])
+            plain = {"input_ids": torch.tensor([ids[0]], device=device)}
+            plain["attention_mask"] = torch.ones_like(plain["input_ids"])
+            plain["position_ids"] = torch.arange(len(ids[0]), device=device)[None]
+            reference = torch.log_softmax(compat.forward(self.model, plain)[0][:, -1].float(), dim=-1).cpu()
+            try:
+                probe = self._record([ids[0]], shared if len(ids) > 1 else 0, with_kv=True)
+                fast = self._first_token_logprobs(start, probe)
+                fast_tokens = self._probe_tokens(probe, start, n_tokens) if decode else None
+            except Exception as exc:  # a renamed internal can also crash the fast path instead of skewing it
+                problem = f"the fast path raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                break
+            gap = float((fast - reference).abs().max())
+            if not gap <= tolerance:
+                problem = f"first-token log-probs differ by {gap:.2g} on a {name} prompt"
+                break
+            if decode:
+                plain_tokens = greedy_decode(self.model, plain, n_tokens, set())[0]
+                if fast_tokens != plain_tokens:
+                    problem = f"greedy tokens differ on a bad prompt ({fast_tokens} vs {plain_tokens})"
+                    break
+        if problem is None:
+            return True
+        compat.warn_fallback("prefix replay and shared prompt prefix", problem)
+        self.reuse_prefix = self.share_prefix = False
+        self._kv_replayable = self.n_blocks
+        self._bad = self._prepare(self._texts["bad"], with_kv=True)
+        self._good = self._prepare(self._texts["good"], with_kv=False)
+        return False
+
+    def _probe_tokens(self, probe: _PromptSet, start: int, n_tokens: int) -> list[int]:
+        """Greedy tokens of the one-prompt ``probe`` through the fast path (replay from ``start``), no early stop."""
+        batch = probe.batches[0]
+        prefix = self._expanded(self._prefix_kv(probe), 1)  # computed before the replay stubs go in
+        with self._replayed(batch, self._usable_start(min(start, self._kv_replayable)), with_kv=True):
+            logits, cache = compat.forward(self.model, batch.inputs, cache=prefix, use_cache=True)
+        return greedy_decode(self.model, batch.inputs, n_tokens, set(), cache=cache, first_logits=logits[:, -1])[0]
 
     # -- replay ---------------------------------------------------------------------------------------------
 
@@ -297,15 +357,15 @@ class TrialEvaluator:
     # -- measurements ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _first_token_logprobs(self, start_layer: int) -> torch.Tensor:
+    def _first_token_logprobs(self, start_layer: int, side: _PromptSet | None = None) -> torch.Tensor:
+        side = side or self._good
         start = self._usable_start(start_layer)
         rows, values = [], []
-        prefix_kv = self._prefix_kv(self._good)
-        for batch in self._good.batches:
+        prefix_kv = self._prefix_kv(side)
+        for batch in side.batches:
             cache = self._expanded(prefix_kv, len(batch.order))
             with self._replayed(batch, start, with_kv=False):
-                logits = self.model(**batch.inputs, past_key_values=cache, use_cache=cache is not None,
-                                    logits_to_keep=1).logits[:, -1]
+                logits = compat.forward(self.model, batch.inputs, cache=cache)[0][:, -1]
             values.append(torch.log_softmax(logits.float(), dim=-1).cpu())
             rows.extend(batch.order)
         out = torch.empty(len(rows), values[0].shape[-1])
@@ -317,16 +377,18 @@ class TrialEvaluator:
         return kl_from_logprobs(self.baseline_logprobs, self._first_token_logprobs(start_layer))
 
     @torch.no_grad()
-    def decide(self, start_layer: int = 0) -> tuple[list[bool], list[str], int]:
+    def decide(self, start_layer: int = 0, side: _PromptSet | None = None) -> tuple[list[bool], list[str], int]:
         """Refusal decision and response text per bad prompt, plus the number of decode steps run."""
+        side = side or self._bad
+        n = sum(len(b.order) for b in side.batches)
         start = self._usable_start(min(start_layer, self._kv_replayable))
-        decisions: list[bool | None] = [None] * len(self.bad_prompts)
-        responses = [""] * len(self.bad_prompts)
+        decisions: list[bool | None] = [None] * n
+        responses = [""] * n
         steps = 0
         detector = self.detector
         can_stop_positive = self.early_stop and hasattr(detector, "matched")
-        prefix_kv = self._prefix_kv(self._bad)
-        for batch in self._bad.batches:
+        prefix_kv = self._prefix_kv(side)
+        for batch in side.batches:
             early: dict[int, bool] = {}
 
             def stop(row: int, tokens: list[int]) -> bool:
@@ -342,12 +404,10 @@ class TrialEvaluator:
                 return False
 
             with self._replayed(batch, start, with_kv=True):
-                out = self.model(**batch.inputs, past_key_values=self._expanded(prefix_kv, len(batch.order)),
-                                 use_cache=True, logits_to_keep=1)
-            tokens = greedy_decode(
-                self.model, batch.inputs, self.max_new_tokens, self.eos, stop=stop,
-                past_key_values=out.past_key_values, first_logits=out.logits[:, -1],
-            )
+                logits, cache = compat.forward(self.model, batch.inputs, cache=self._expanded(prefix_kv, len(batch.order)),
+                                               use_cache=True)
+            tokens = greedy_decode(self.model, batch.inputs, self.max_new_tokens, self.eos, stop=stop,
+                                   cache=cache, first_logits=logits[:, -1])
             steps += max((len(t) for t in tokens), default=0)
             for row, (index, toks) in enumerate(zip(batch.order, tokens)):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)

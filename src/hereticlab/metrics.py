@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import compat
 from .capture import auto_batch_size, batched, chat_texts, encode, model_device
 from .prompts import PromptSet, strip_thinking
 
@@ -90,13 +91,13 @@ def greedy_decode(
     eos_ids: set[int],
     *,
     stop: Callable[[int, list[int]], bool] | None = None,
-    past_key_values=None,
+    cache=None,
     first_logits: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Greedy decoding with a KV cache; logits only at the last position; finished rows leave the batch.
 
     ``stop(row, tokens)`` returns True once row ``row`` is decided (its generation ends there).
-    ``past_key_values`` / ``first_logits``: a prefill already done by the caller (``[B, V]`` next-token logits).
+    ``cache`` / ``first_logits``: a prefill already done by the caller (``[B, V]`` next-token logits).
     Returns the generated token ids per row (EOS excluded).
     """
     n = batch["input_ids"].shape[0]
@@ -104,8 +105,8 @@ def greedy_decode(
     if max_new_tokens <= 0:
         return generated
     if first_logits is None:
-        out = model(**batch, use_cache=True, logits_to_keep=1)
-        past_key_values, first_logits = out.past_key_values, out.logits[:, -1]
+        logits, cache = compat.forward(model, batch, use_cache=True)
+        first_logits = logits[:, -1]
     next_tokens = first_logits.argmax(-1)
     rows = list(range(n))
     mask = batch["attention_mask"]
@@ -124,17 +125,15 @@ def greedy_decode(
             break
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=mask.device)
-            past_key_values.batch_select_indices(index)
+            compat.keep_rows(cache, index)
             mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
             rows = [rows[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions + 1
-        out = model(
-            input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
-            past_key_values=past_key_values, use_cache=True, logits_to_keep=1,
+        logits, cache = compat.forward(
+            model, {"input_ids": next_tokens[:, None], "attention_mask": mask, "position_ids": positions}, cache=cache
         )
-        past_key_values = out.past_key_values
-        next_tokens = out.logits[:, -1].argmax(-1)
+        next_tokens = logits[:, -1].argmax(-1)
     return generated
 
 
@@ -205,7 +204,7 @@ def first_token_logprobs(
     device = model_device(model)
     out = []
     for chunk in tqdm(list(batched(texts, batch_size or auto_batch_size(model))), desc="logprobs", disable=not progress, leave=False):
-        logits = model(**encode(tokenizer, chunk, device), use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = compat.forward(model, encode(tokenizer, chunk, device))[0][:, -1]
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)
 

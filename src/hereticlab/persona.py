@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import compat
 from .capture import auto_batch_size, batched, capture_residuals, encode, model_device
 from .directions import Directions, mean_difference, normalize
 from .metrics import generate, normalize_text
@@ -295,7 +296,7 @@ class SelfJudge:
         device = model_device(self.model)
         scores = []
         for chunk in batched(texts, self.batch_size or auto_batch_size(self.model)):
-            logits = self.model(**encode(self.tokenizer, chunk, device), use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            logits = compat.forward(self.model, encode(self.tokenizer, chunk, device))[0][:, -1].float()
             logp = torch.log_softmax(logits, -1)
             yes = torch.logsumexp(logp[:, self.yes], -1)
             no = torch.logsumexp(logp[:, self.no], -1)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import compat
 from .architecture import block_output_tensor, find_layers, find_writers, replace_block_output
 from .capture import _normalize_layers, _StopForward, auto_batch_size, batched, capture_residuals, model_device, residual_hooks
 from .directions import Directions, mean_difference, orthonormal_basis
@@ -104,13 +105,7 @@ Positions = Union[str, slice, Callable[[int, int, torch.device], torch.Tensor]]
 
 def _cache_offset(kwargs: dict, block_index: int) -> int:
     """Tokens already in the KV cache for this block (0 without a cache): the absolute index of this call's first token."""
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    try:
-        return int(cache.get_seq_length(block_index))
-    except (TypeError, IndexError):  # caches that do not take a layer index
-        return int(cache.get_seq_length())
+    return compat.cached_length(compat.cache_in_call((), kwargs), block_index)
 
 
 def position_mask(
@@ -191,12 +186,26 @@ def residual_input_hooks(
     targets = [layers] if isinstance(layers, int) else list(layers)
     targets = [t + len(blocks) if t < 0 else t for t in targets]
     handles = []
+    # Position masks need the absolute index of each call's first token. Read from the KV cache when this
+    # transformers release lets a block see it (self-checked once per model); else from the attention mask
+    # handed to the model, whose width is cached + new tokens.
+    from_cache = positions == "all" or compat.check_cache_offsets(model, blocks)
+    call = {"offset": 0}
+
+    def model_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        call["offset"] = 0 if mask is None or ids is None else mask.shape[-1] - ids.shape[-1]
+        if mask is None and compat.cache_in_call((), kwargs) is not None:
+            raise RuntimeError("position-dependent steering with a KV cache needs an attention_mask on this "
+                               f"transformers release ({compat.TRANSFORMERS_VERSION}); pass one, or install the locked versions")
 
     def make_hook(index: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             batch, seq = hidden.shape[:2]
-            mask = position_mask(positions, batch=batch, seq=seq, offset=_cache_offset(kwargs, index),
+            offset = _cache_offset(kwargs, index) if from_cache else call["offset"]
+            mask = position_mask(positions, batch=batch, seq=seq, offset=offset,
                                  prompt_length=prompt_length, device=hidden.device)
             new = transform(index, hidden)
             if mask is not None:
@@ -209,6 +218,8 @@ def residual_input_hooks(
         return hook
 
     try:
+        if not from_cache:
+            handles.append(model.register_forward_pre_hook(model_hook, with_kwargs=True))
         for index in targets:
             handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
         yield
