@@ -1,6 +1,8 @@
 """The ``hereticlab`` command: ``run`` (search + export, the main job), ``replay``, ``evaluate``.
 
-Every failure the user can fix prints one line starting with ``hereticlab: error:`` and exits non-zero.
+Every failure the user can fix prints one line, ``hereticlab: error: <problem>; <fix>``, and exits non-zero:
+2 when the command line is wrong, 1 when this machine cannot serve it (see ``hereticlab.validation``). Every
+argument is checked before a model is loaded or anything is written.
 """
 
 from __future__ import annotations
@@ -9,7 +11,23 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+import warnings
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _print_error(problem_and_fix: str) -> None:
+    print(f"hereticlab: error: {_one_line(problem_and_fix)}", file=sys.stderr)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``hereticlab: error: …`` line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        _print_error(f"{message}; see '{self.prog} --help'")
+        raise SystemExit(2)
 
 
 def _run_parser(sub):
@@ -42,21 +60,21 @@ def _run_parser(sub):
 
 
 def _cmd_run(args) -> int:
+    from .validation import validate_run
+
+    checked = validate_run(args)  # before the model is loaded or --out is touched
     from .runner import RunConfig, run_search
 
     config = RunConfig(
         model=args.model, harmful=args.harmful, harmless=args.harmless, out=args.out, storage=args.storage,
         study_name=args.study_name, trials=args.trials, startup_trials=args.startup_trials, seed=args.seed,
         split_seed=args.split_seed, train_prompts=args.train_prompts, search_prompts=args.search_prompts,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        norms=tuple(n.strip() for n in args.norms.split(",") if n.strip()), system_prompt=args.system_prompt,
+        methods=checked.methods, norms=checked.norms, system_prompt=args.system_prompt,
         decide_after=args.decide_after, kl_ceiling=None if args.kl_ceiling < 0 else args.kl_ceiling,
         kl_max=args.kl_max, choose=args.trial, batch_size=args.batch_size, export=not args.no_export,
-        behaviour=args.behaviour, dtype=args.dtype, device=args.device,
+        # An alias of refusal ("Refusal", "refusals") takes the refusal path, which honours --harmful/--harmless.
+        behaviour="refusal" if checked.behaviour == "refusal" else args.behaviour, dtype=args.dtype, device=args.device,
     )
-    for name in ("trials", "startup_trials", "train_prompts", "search_prompts", "decide_after"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     result = run_search(config, worker_trials=args.worker_trials)
     if result.chosen is not None:
         import pandas as pd
@@ -72,9 +90,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_replay(args) -> int:
+    from .validation import validate_replay
+
+    record = validate_replay(args)
     from .runner import replay
 
-    record = json.loads(Path(args.record).read_text()) if Path(args.record).is_file() else None
     hashes = replay(args.record, args.out)
     expected = (record or {}).get("weights_sha256", {})
     same = hashes == expected if expected else None
@@ -86,7 +106,9 @@ def _cmd_evaluate(args) -> int:
     from .metrics import first_token_logprobs, kl_divergence, refusal_rate
     from .models import load_model
     from .prompts import load_prompts
+    from .validation import validate_evaluate
 
+    validate_evaluate(args)
     harmful, harmless = load_prompts(args.harmful), load_prompts(args.harmless)
     if args.split:
         harmful = harmful.split(train=args.train_prompts, seed=args.split_seed)[1]
@@ -106,7 +128,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hereticlab", description=__doc__.splitlines()[0])
+    parser = _ArgumentParser(prog="hereticlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     p = sub.add_parser("replay", help="recreate a run's chosen edit from its run.json and check the weights' SHA-256")
@@ -126,20 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 runtime error, 2 usage error, 130 interrupted)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    from optuna.exceptions import ExperimentalWarning
+
     from .models import ModelLoadError
     from .prompts import PromptError
     from .search import SearchError
+    from .validation import InputError
 
     handlers = {"run": _cmd_run, "replay": _cmd_replay, "evaluate": _cmd_evaluate}
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():  # e.g. Optuna's ExperimentalWarning for RDB heartbeats: not the user's problem
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except InputError as exc:
+        _print_error(str(exc))
+        return exc.exit_code
     except (ModelLoadError, PromptError, SearchError, ValueError, FileNotFoundError) as exc:
-        print(f"hereticlab: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
 
 

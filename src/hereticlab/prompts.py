@@ -85,9 +85,23 @@ class PromptSet:
 
 
 def _read_lines(path: Path, name: str) -> tuple[str, ...]:
+    if path.is_dir():
+        raise PromptError(f"prompt file {path} is a folder; pass a text file with one prompt per line")
     if not path.is_file():
         raise PromptError(f"prompt file {path} does not exist; pass an existing file or a named set ({', '.join(available_sets())})")
-    lines = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PromptError(f"cannot read prompt file {path} ({exc.strerror or exc}); check its permissions") from None
+    if b"\0" in data:
+        raise PromptError(f"prompt file {path} is binary (it contains NUL bytes); pass a UTF-8 text file with one prompt per line")
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark is not part of the first prompt
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"prompt file {path} is not UTF-8 text (byte 0x{data[bom + exc.start]:02x} at offset {bom + exc.start}); "
+                          "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+    lines = tuple(line.strip() for line in text.splitlines())
     lines = tuple(line for line in lines if line and not line.startswith("#"))
     if not lines:
         raise PromptError(f"prompt file {path} has no prompts; write one prompt per line")

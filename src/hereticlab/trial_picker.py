@@ -26,6 +26,7 @@ class TrialPicker:
         self.study, self.model, self.tokenizer, self.directions = study, model, tokenizer, directions
         self.prompts, self.max_new_tokens, self.chat_kwargs = list(prompts), max_new_tokens, chat_kwargs
         self._cache: dict[int, list[str]] = {}
+        self.selected: int | None = None
         self.original = generate(model, tokenizer, self.prompts, max_new_tokens=max_new_tokens, progress=False, **chat_kwargs)
         front = set(pareto(study)["trial"]) if len(trials_table(study)) else set()
         table = trials_table(study)
@@ -34,10 +35,13 @@ class TrialPicker:
             mark = "★ " if row.trial in front else ""
             refusals = "pruned" if row.pruned else int(row.refusals)
             options.append((f"{mark}#{int(row.trial)}: refusals {refusals}, KL {row.kl:.3f}", int(row.trial)))
+        self._numbers = {number for _, number in options}
         self.dropdown = w.Dropdown(options=options, description="trial", layout=w.Layout(width="420px"))
         self.output = w.HTML()
-        self.dropdown.observe(lambda change: self.select(change["new"]), names="value")
+        self.dropdown.observe(self._on_choose, names="value")
         self.widget = w.VBox([self.dropdown, self.output])
+        for widget, name in ((self.widget, "hl-trial-picker"), (self.dropdown, "hl-trial-dropdown"), (self.output, "hl-trial-responses")):
+            widget.add_class(name)  # stable CSS hooks for browser tests and custom styling
         if options:
             self.select(options[0][1])
 
@@ -53,10 +57,17 @@ class TrialPicker:
     def table(self, number: int) -> pd.DataFrame:
         return pd.DataFrame({"prompt": self.prompts, "original": self.original, f"trial #{number}": self.responses(number)})
 
+    def _on_choose(self, change) -> None:
+        if change["new"] is not None and change["new"] != self.selected:
+            self.select(change["new"])
+
     def select(self, number: int) -> pd.DataFrame:
+        """Show trial ``number``'s responses; the dropdown follows, so it always names the trial displayed."""
         frame = self.table(number)
         self.output.value = frame.to_html(index=False, escape=True).replace("<td>", '<td style="text-align:left;white-space:pre-wrap">')
         self.selected = number
+        if number in self._numbers:
+            self.dropdown.value = number
         return frame
 
     def _ipython_display_(self):

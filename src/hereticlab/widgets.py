@@ -105,6 +105,10 @@ class GeometryExplorer:
         controls = w.HBox([self.play, self.slider, self.show_medians, self.show_means, self.source])
         right = w.VBox([self.picker, self.neighbours, self.info, self.hover], layout=w.Layout(width="50%"))
         self.ui = w.VBox([controls, w.HBox([canvas, right]), self.row])
+        # stable CSS hooks for browser tests and custom styling
+        for widget, name in ((self.ui, "hl-geometry-explorer"), (self.slider, "hl-layer-slider"), (self.play, "hl-layer-play"),
+                             (self.image, "hl-geometry-plot"), (self.picker, "hl-prompt-picker"), (self.neighbours, "hl-nearest")):
+            widget.add_class(name)
         self.render()
 
     # -- state -------------------------------------------------------------------------------------------
