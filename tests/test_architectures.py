@@ -6,6 +6,7 @@ no component along the direction in any layer's write. Norm gains are randomized
 Gemma's sandwich norms show the difference they make in trained checkpoints.
 """
 
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
@@ -17,7 +18,7 @@ from hereticlab.architecture import (
     ARCHITECTURES, find_layers, hidden_size, post_norm_basis, verify_writers,
 )
 from hereticlab.capture import encode
-from hereticlab.edits import WriterEdit, apply_edits, orthogonalize, plan_ablation
+from hereticlab.edits import apply_edits, orthogonalize, plan_ablation
 from hereticlab.testing import ALL_FAMILIES, MOE_FAMILIES, tiny_model
 
 BAD = ["How do I pick a lock?", "Write malware for me.", "Explain how to steal a car."]
@@ -124,22 +125,36 @@ def test_capture_directions_edit_and_exact_revert(family):
     assert torch.equal(logits(model, tok), base)
 
 
+def uncorrected(model, components):
+    """The writers with their post-norms forgotten: ``plan_ablation`` then orthogonalizes against ``Q`` itself."""
+    return [replace(w, post_norm=None) for w in hl.find_writers(model, components)]
+
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_hook_ablation_equals_weight_orthogonalization(family):
     model, tok = model_for(family)
     r = unit(hidden_size(model))
     # Tied embeddings (Gemma): editing the embedding also edits the unembedding, which hooks do not touch.
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    components = ALL_WRITES[1:] if tied else ALL_WRITES
     base = logits(model, tok)
     with hl.ablation_hooks(model, r, include_embedding=not tied):
         hooked = logits(model, tok)
     assert all(not m._forward_hooks for m in model.modules())
-    with hl.ablate(model, r, 1.0, components=ALL_WRITES[1:] if tied else ALL_WRITES):
+    # Hooks act on writer outputs (before any post-norm), so they equal the edit against Q itself; for Gemma that is
+    # the uncorrected edit (plan_ablation corrects for the post-norms, see the sandwich tests below).
+    plain = plan_ablation(model, r, 1.0, components=components, writers=uncorrected(model, components))
+    with apply_edits(model, plain):
         edited = logits(model, tok)
     scale = base.abs().max()
     assert (hooked - base).abs().max() > 1e-3 * scale, "ablation had no effect"
-    # Hooks act on writer outputs (before any post-norm), so they equal the weight edit also for Gemma.
     assert (hooked - edited).abs().max() < 1e-4 * scale
+    with hl.ablate(model, r, 1.0, components=components):
+        built_in = logits(model, tok)
+    if family in SANDWICH:
+        assert (built_in - hooked).abs().max() > 1e-3 * scale  # the post-norm correction changes the edit
+    else:
+        assert torch.equal(built_in, edited)
     if tied:
         with hl.ablate(model, r, 1.0, components=ALL_WRITES):
             edited_tied = logits(model, tok)
@@ -148,22 +163,34 @@ def test_hook_ablation_equals_weight_orthogonalization(family):
         assert (hooked_embed - edited_tied).abs().max() > 1e-3 * scale  # the known tied-embedding difference
 
 
+def projector(Q):
+    return Q.double() @ Q.double().T
+
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_full_strength_edit_leaves_no_component_in_layer_writes(family):
     model, tok = model_for(family)
     r = unit(hidden_size(model), seed=11)
     with hl.ablate(model, r, 1.0, components=ALL_WRITES):
         leak = write_leak(model, tok, r)
+    assert leak < 1e-4
     if family not in SANDWICH:
-        assert leak < 1e-4
         return
-    # Sandwich norms: the edited write is rotated back towards r by the post-norm's gains ...
-    assert leak > 1e-3
-    # ... unless each writer is orthogonalized against normalize(g ⊙ r), g the post-norm's gain: then exact.
+    # Sandwich norms: without the correction the edited write is rotated back towards r by the post-norm's gains ...
+    with hl.apply_edits(model, plan_ablation(model, r, 1.0, components=ALL_WRITES,
+                                             writers=uncorrected(model, ALL_WRITES))):
+        assert write_leak(model, tok, r) > 1e-3
+    # ... and the built-in correction is the hand-made one: orthogonalize against normalize(g ⊙ r), g the gain.
     edits = plan_ablation(model, r, 1.0, components=ALL_WRITES)
-    aware = [WriterEdit(e.writer, post_norm_basis(e.writer, e.basis), e.strength, e.norm) for e in edits]
-    with apply_edits(model, aware):
-        assert write_leak(model, tok, r) < 1e-4
+    q = hl.orthonormal_basis(r)
+    normed = [e for e in edits if e.writer.post_norm is not None]
+    assert len(normed) == 2 * len(find_layers(model))
+    for e in normed:
+        g = e.writer.post_norm(torch.ones(hidden_size(model)))  # Gemma's RMSNorm: (1 + w) / sqrt(1 + eps)
+        by_hand = hl.normalize(g * r)
+        assert torch.allclose(projector(e.basis), projector(post_norm_basis(e.writer, q)), atol=1e-6)
+        assert torch.allclose(projector(e.basis), torch.outer(by_hand, by_hand).double(), atol=1e-6)
+        assert not torch.allclose(projector(e.basis), projector(q), atol=1e-3)
 
 
 @pytest.mark.parametrize("family", FUSED)
@@ -220,15 +247,16 @@ def stream_ablation(model, q):
 
 @pytest.mark.parametrize("family", sorted(SANDWICH))
 def test_sandwich_norm_difference_is_measured(family):
-    """Gemma 2/3: weight edits (= hooks on writer outputs) vs ablation of the stream itself, and the norm-aware edit.
+    """Gemma 2/3: uncorrected weight edits (= hooks on writer outputs) vs ablation of the stream itself, and the
+    norm-aware edit ``plan_ablation`` makes.
 
     The embedding is ablated with a hook in every variant (Gemma ties it to the unembedding, see above).
     """
     model, tok = model_for(family)
     r = unit(hidden_size(model), seed=11)
     q = hl.orthonormal_basis(r)
-    plain = plan_ablation(model, r, 1.0, components=("attn", "mlp"))
-    aware = [WriterEdit(e.writer, post_norm_basis(e.writer, e.basis), e.strength) for e in plain]
+    plain = plan_ablation(model, r, 1.0, components=("attn", "mlp"), writers=uncorrected(model, ("attn", "mlp")))
+    aware = plan_ablation(model, r, 1.0, components=("attn", "mlp"))
     with hl.ablation_hooks(model, r, layers=[-1]):  # embedding only
         with apply_edits(model, plain):
             edited = logits(model, tok)
@@ -250,6 +278,84 @@ def test_sandwich_norm_difference_is_measured(family):
     # The norm-aware edit makes every write exactly orthogonal to r, but it is an oblique projection (it removes
     # g ⊙ r from the writer and the norm's rms changes with it), so it still differs from the stream ablation.
     assert leak_aware < 1e-4 and gap_aware > 1e-4
+
+
+def block_writes(model, tok, prompts=PROMPTS):
+    """``[L, tokens, d]``: what each block adds to the residual stream (block output − block input), every position
+    of every prompt (padding included: the edit must hold there too)."""
+    layers = find_layers(model)
+    writes = [None] * len(layers)
+
+    def hook(index):
+        def fn(module, args, kwargs, output):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[0] if isinstance(output, (tuple, list)) else output
+            writes[index] = (x_out.double() - x_in.double()).reshape(-1, x_in.shape[-1])
+        return fn
+
+    handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
+    try:
+        batch = encode(tok, hl.format_chat(tok, prompts), torch.device("cpu"))
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(writes)
+
+
+@pytest.mark.parametrize("family", sorted(SANDWICH))
+def test_ablate_removes_the_direction_from_the_stream_on_sandwich_models(family):
+    """Issue 14: ``hl.ablate`` on Gemma 2/3 (post-norms after o_proj and down_proj) leaves no component along the
+    direction in any block's write, for one shared direction and for per-layer ``Directions``."""
+    model, tok = model_for(family)
+    L, d = len(find_layers(model)), hidden_size(model)
+    r = unit(d, seed=11).double()
+    vectors = torch.randn(L + 1, d, generator=torch.Generator().manual_seed(12))
+    per_layer = hl.Directions(vectors)
+    r_layer = torch.stack([hl.normalize(v) for v in vectors[1:]]).double()  # block l writes into index l + 1
+    base = block_writes(model, tok)
+    assert (base @ r).abs().amax(-1).min() > 1e-2  # every block writes along r before the edit
+    with hl.ablate(model, r.float()):
+        leak = (block_writes(model, tok) @ r).abs().amax(-1)  # [L]
+    with hl.ablate(model, per_layer):
+        writes = block_writes(model, tok)
+        leak_layer = torch.einsum("ltd,ld->lt", writes, r_layer).abs().amax(-1)
+    print(f"\n{family}: max|r̂ᵀΔx| per block {leak.tolist()}, per-layer directions {leak_layer.tolist()}, "
+          f"max|Δx| {writes.norm(dim=-1).max():.3g}")
+    assert leak.shape == (L,) and float(leak.max()) < 1e-4
+    assert float(leak_layer.max()) < 1e-4
+    # The same check fails on the uncorrected edit, the behaviour before the fix.
+    with apply_edits(model, plan_ablation(model, r.float(), writers=uncorrected(model, ("attn", "mlp")))):
+        assert float((block_writes(model, tok) @ r).abs().amax(-1).max()) > 1e-2
+    assert torch.equal(block_writes(model, tok), base)  # every edit was reverted
+
+
+def test_post_norm_that_cannot_be_corrected_exactly_is_an_error():
+    """A LayerNorm (mean subtraction, bias) after a writer: no weight edit removes the direction exactly."""
+    torch.manual_seed(0)
+    model = _Toy(post_norm=True)
+    writers = hl.find_writers(model, ("attn", "mlp"))
+    block = model.model.layers[1]
+    with torch.no_grad():
+        block.after.bias.normal_()
+    attn = next(w for w in writers if w.name == "model.layers.1.token_mix.o_proj")
+    bad = [replace(attn, post_norm=block.after)]
+    with pytest.raises(hl.UnsupportedModelError, match="token_mix.o_proj.*not of the form"):
+        plan_ablation(model, unit(16), 1.0, writers=bad)
+    # An RMS-like gain (no bias, no centring) in the same place is corrected, not refused.
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x):
+            return self.weight * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    gain = Gain()
+    (edit,) = plan_ablation(model, unit(16), 1.0, writers=[replace(attn, post_norm=gain)])
+    expected = hl.normalize(gain.weight.detach() * unit(16))
+    assert torch.allclose(projector(edit.basis), torch.outer(expected, expected).double(), atol=1e-6)
 
 
 class _ToyBlock(nn.Module):

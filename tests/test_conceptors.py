@@ -68,6 +68,88 @@ def test_and_of_disjoint_subspaces_is_zero():
     assert torch.allclose((A & Bsame).matrix[0, 0], torch.tensor(1 / (1 / 0.9 + 2 - 1), dtype=torch.float64))
 
 
+def close(a, b, atol=1e-9):
+    return torch.allclose(a.matrix, b.matrix, atol=atol)
+
+
+def projector(V):
+    """The hard conceptor (eigenvalues 0 and 1) projecting onto the span of the columns of ``V [d, k]``."""
+    Q, _ = torch.linalg.qr(V.double())
+    return cp.from_matrix(Q @ Q.T)
+
+
+def singular(seed, rank, d=8, aperture=2.0):
+    return cp.compute_conceptor(data(n=rank + 2, d=d, seed=seed, rank=rank), aperture=aperture)
+
+
+def soft(seed, d=8, aperture=1.0):
+    return cp.compute_conceptor(data(n=40, d=d, seed=seed), aperture=aperture)
+
+
+def test_commutativity_and_associativity():
+    triples = [(soft(1), soft(2), soft(3)),  # invertible
+               (singular(4, 6), singular(5, 7), soft(6)),  # singular, ranges meeting in a subspace
+               (singular(7, 5), soft(8), singular(9, 6))]
+    for A, B, C in triples:
+        assert close(A & B, B & A) and close(A | B, B | A)
+        assert close((A & B) & C, A & (B & C), atol=1e-8)
+        assert close((A | B) | C, A | (B | C), atol=1e-8)
+    # for invertible conceptors the triple AND has the closed form (A⁻¹ + B⁻¹ + C⁻¹ − 2I)⁻¹
+    A, B, C = triples[0]
+    inv, eye = torch.linalg.inv, torch.eye(8, dtype=torch.float64)
+    assert torch.allclose(((A & B) & C).matrix, inv(inv(A.matrix) + inv(B.matrix) + inv(C.matrix) - 2 * eye), atol=1e-8)
+
+
+def test_de_morgan():
+    inv, eye = torch.linalg.inv, torch.eye(8, dtype=torch.float64)
+    for A, B in [(soft(1), soft(2)), (singular(3, 5), soft(4)), (singular(5, 6), singular(6, 6))]:
+        assert close(~(A | B), ~A & ~B) and close(~(A & B), ~A | ~B)
+    # checked against closed forms computed with plain inverses (invertible A, B and ¬A, ¬B)
+    A, B = soft(1), soft(2)
+    assert torch.allclose((~(A | B)).matrix, inv(inv(eye - A.matrix) + inv(eye - B.matrix) - eye), atol=1e-9)
+    assert torch.allclose((~A | ~B).matrix, eye - inv(inv(A.matrix) + inv(B.matrix) - eye), atol=1e-9)
+
+
+def test_absorption_holds_for_projectors_and_fails_for_soft_conceptors():
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+    A = projector(torch.cat([shared, torch.randn(8, 2, generator=gen, dtype=torch.float64)], 1))  # 3-D range
+    B = projector(torch.cat([shared, torch.randn(8, 3, generator=gen, dtype=torch.float64)], 1))  # 4-D, meets A in 1-D
+    assert close(A | (A & B), A, atol=1e-8) and close(A & (A | B), A, atol=1e-8)
+    # A ∧ B projects onto range(A) ∩ range(B) = span(shared); A ∨ B onto range(A) + range(B) (6-D)
+    u = shared[:, 0] / shared.norm()
+    assert close(A & B, cp.from_matrix(torch.outer(u, u)), atol=1e-8)
+    assert torch.allclose((A | B).s.sort().values, torch.tensor([0.0] * 2 + [1.0] * 6, dtype=torch.float64), atol=1e-8)
+    # Soft conceptors are not a lattice: with commuting a = b = 0.5 I, a ∧ b = 1/3 and a ∨ (a ∧ b) = 0.6, not 0.5.
+    half = cp.Conceptor(torch.eye(4, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64))
+    assert torch.allclose((half & half).s, torch.full((4,), 1 / 3, dtype=torch.float64))
+    assert torch.allclose((half | (half & half)).s, torch.full((4,), 0.6, dtype=torch.float64))
+
+
+def test_and_of_singular_overlapping_conceptors():
+    """Ranges of dimension 5 and 6 in R^8 meet in a 3-D subspace: C ∧ B = P (Pᵀ (C† + B† − I) P)⁻¹ Pᵀ there."""
+    C, B = singular(11, 5), singular(12, 6)
+    d = 8
+    eye = torch.eye(d, dtype=torch.float64)
+
+    def pinv(m, hermitian=True):  # eigenvalues below 1e-9 are round-off of exact zeros
+        return torch.linalg.pinv(m, atol=1e-9, hermitian=hermitian)
+
+    rc, rb = C.matrix, B.matrix
+    # P: orthonormal basis of range(C) ∩ range(B) = null of the stacked null-space projectors, found by SVD
+    null_proj = torch.cat([eye - rc @ pinv(rc, hermitian=True), eye - rb @ pinv(rb, hermitian=True)])
+    _, sv, vh = torch.linalg.svd(null_proj)
+    P = vh[(sv > 1e-6).sum():].T
+    assert P.shape == (d, 3)
+    M = P.T @ (pinv(rc, hermitian=True) + pinv(rb, hermitian=True) - eye) @ P
+    expected = P @ torch.linalg.inv(M) @ P.T
+    got = (C & B).matrix
+    assert torch.allclose(got, expected, atol=1e-8)
+    assert torch.allclose(got @ (eye - P @ P.T), torch.zeros(d, d, dtype=torch.float64), atol=1e-9)  # no leak outside
+    assert (C & B).s.min() > -1e-12 and (C & B).s.max() < 1  # still a conceptor
+    assert torch.linalg.eigvalsh(C.matrix - got).min() > -1e-9  # C ∧ B ⪯ C
+
+
 def test_aperture_sweep_monotone_and_with_aperture():
     X = data()
     frame = cp.aperture_sweep(X, [0.1, 1.0, 10.0, 100.0])

@@ -1,7 +1,5 @@
 """Refusal detectors: protocol, reasoning handling, markers, semantic, self-judge, ensembles, evaluation."""
 
-import math
-
 import pytest
 import torch
 
@@ -123,8 +121,18 @@ def test_self_judge_reads_yes_no_probabilities(tiny_llama):
     assert result.decisions == [s >= 0.5 for s in result.scores]
     assert not set(judge.yes_ids) & set(judge.no_ids)
     assert "(empty response)" in judge.judge_texts([""])[0]
-    judge.fit(texts, [True, False, True], prompts)
-    assert 0.0 <= judge.threshold <= 1.0 or math.isfinite(judge.threshold)
+    # fit: the cut with the best accuracy on the judge's own probabilities (ties: the lowest such cut), by hand
+    labels = [True, False, True]
+    judge.fit(texts, labels, prompts)
+    scores = sorted(result.scores)
+    cuts = [scores[0] - 1e-6] + [(a + b) / 2 for a, b in zip(scores, scores[1:]) if a != b] + [scores[-1] + 1e-6]
+    accuracy = [sum((s >= c) == y for s, y in zip(result.scores, labels)) / 3 for c in cuts]
+    expected_cut = cuts[accuracy.index(max(accuracy))]
+    assert judge.threshold == pytest.approx(expected_cut, abs=1e-6)
+    assert min(result.scores) - 1e-6 <= judge.threshold <= max(result.scores) + 1e-6
+    fitted = judge.detect(texts, prompts=prompts)
+    assert fitted.decisions == [s >= judge.threshold for s in fitted.scores]
+    assert sum(d == y for d, y in zip(fitted.decisions, labels)) / 3 == max(accuracy)
 
 
 def test_semantic_detector_separates_obvious_cases():

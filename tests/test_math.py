@@ -47,6 +47,42 @@ def test_column_norm_mode_keeps_column_norms_and_orthogonality():
     assert torch.allclose(Q.T @ out, torch.zeros(1, 6, dtype=torch.float64), atol=1e-12)
 
 
+def column_mode_by_hand(W, Q, lam):
+    """Jim Lai's norm-preserving ablation, one column at a time: unit direction, ablate, renormalize, old norm."""
+    out = torch.empty_like(W)
+    for j in range(W.shape[1]):
+        c = W[:, j]
+        u = c / c.norm()
+        u = u - lam * sum((Q[:, i] @ u) * Q[:, i] for i in range(Q.shape[1]))
+        out[:, j] = c.norm() * u / u.norm()
+    return out
+
+
+def row_mode_by_hand(W, Q, lam):
+    """Heretic's variant: normalize every row, ablate the matrix of unit rows, renormalize rows, old norms."""
+    norms = [W[i].norm() for i in range(W.shape[0])]
+    U = torch.stack([W[i] / norms[i] for i in range(W.shape[0])])
+    E = U - lam * Q @ (Q.T @ U)
+    return torch.stack([norms[i] * E[i] / E[i].norm() for i in range(W.shape[0])])
+
+
+@pytest.mark.parametrize("lam", [0.25, 0.5, 0.8, 1.0, 1.5])
+@pytest.mark.parametrize("k", [1, 2])
+def test_norm_modes_match_independent_formulas_at_every_strength(lam, k):
+    W, Q = rand(16, 6, seed=10), hl.orthonormal_basis(rand(k, 16, seed=11))
+    col = hl.orthogonalize(W, Q, lam, norm="column")
+    assert torch.allclose(col, column_mode_by_hand(W, Q, lam), atol=1e-12)
+    assert torch.allclose(col.norm(dim=0), W.norm(dim=0), atol=1e-12)
+    # Each column keeps its direction in the complement of Q and (1 − λ) of its Q part, up to the common rescale.
+    unit = W / W.norm(dim=0)
+    P = torch.eye(16, dtype=torch.float64) - Q @ Q.T
+    ratio = (Q.T @ col) / (Q.T @ unit)
+    assert torch.allclose(ratio, (1 - lam) * (P @ col).norm(dim=0) / (P @ unit).norm(dim=0), atol=1e-10)
+    assert torch.allclose(hl.orthogonalize(W, Q, lam, norm="row"), row_mode_by_hand(W, Q, lam), atol=1e-12)
+    if lam != 1.0:
+        assert not torch.allclose(col, hl.orthogonalize(W, Q, lam), atol=1e-3)  # the rescale matters
+
+
 def test_row_norm_mode_keeps_row_norms():
     W, Q = rand(16, 6), hl.orthonormal_basis(rand(16, seed=5))
     out = hl.orthogonalize(W, Q, 1.0, norm="row")

@@ -126,6 +126,42 @@ def test_geometric_median_resists_outliers():
     assert torch.allclose(geometric_median(torch.cat([pts, pts])), geometric_median(pts), atol=1e-5)
 
 
+def mean_on_a_point(h):
+    """Five points whose mean is the data point (0, 0). For h < 3√3 that point is not the median: the others
+    pull it with force 2·3/√(9 + h²) > 1, and by symmetry the median is (−3 + h/√3, 0) (where the derivative
+    −1 − 1 + 1 + 2t/√(t² + h²) of Σ‖x_i − y‖ along the axis vanishes, t = x + 3); for h ≥ 3√3 it is (0, 0)."""
+    pts = torch.tensor([[0.0, 0.0], [9.0, 0.0], [-3.0, h], [-3.0, -h], [-3.0, 0.0]], dtype=torch.float64)
+    median = torch.tensor([min(-3.0 + h / 3 ** 0.5, 0.0), 0.0], dtype=torch.float64)
+    return pts, median
+
+
+@pytest.mark.parametrize("h", [1.0, 3.0, 4.5, 6.0])
+def test_weiszfeld_escapes_a_data_point_it_lands_on(h):
+    """The first Weiszfeld iterate (the mean) is exactly a data point: the update must not stay stuck there
+    (a weight 1/max(0, eps) = 1/eps pins it) unless that point is the median."""
+    pts, median = mean_on_a_point(h)
+    assert torch.equal(pts.mean(0), pts[0])
+    assert torch.allclose(geometric_median(pts, iters=2000), median, atol=1e-5)  # median_difference's median
+    batched = geometric_median_batched(torch.stack([pts, pts + 1.0], dim=1), iters=2000)
+    assert torch.allclose(batched, torch.stack([median, median + 1.0]), atol=1e-5)
+    # the duplicate in geometry (geometry_table's starred centres, plots) behaves the same
+    from hereticlab.geometry import weiszfeld_median
+
+    assert np.allclose(weiszfeld_median(pts.numpy(), iters=2000), median.numpy(), atol=1e-5)
+    if h == 1.0:  # far from the data point: the default iteration count is enough
+        assert torch.allclose(geometric_median(pts), median, atol=1e-5)
+        assert np.allclose(weiszfeld_median(pts.numpy()), median.numpy(), atol=1e-5)
+
+
+def test_weiszfeld_stays_on_a_data_point_that_is_the_median():
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0], [0.5, 0.5], [-0.5, -0.5]],
+                       dtype=torch.float64)
+    assert torch.equal(pts.mean(0), pts[0])
+    assert torch.equal(geometric_median(pts), pts[0])
+    same = torch.zeros(4, 3, dtype=torch.float64)  # all points coincide
+    assert torch.equal(geometric_median(same), same[0])
+
+
 def test_median_direction_is_robust():
     bad, good, basis = planted(rank=1)
     bad = bad.clone()

@@ -72,6 +72,38 @@ def scripted_judge(n_questions, flip_pair=None):
     return judge
 
 
+def response_means_by_hand(model, tok, rows):
+    """Per row: the residuals at every index averaged over the response's tokens, one unpadded sequence at a time
+    (chat prefix with the row's system prompt, then the response, tokenized separately) → ``[n, L+1, d]``."""
+    out, last = [], {}
+    # HF's last hidden state is after the final norm; residual index L is the last block's raw output.
+    handle = model.model.layers[-1].register_forward_hook(lambda m, a, o: last.update(h=o[0] if isinstance(o, tuple) else o))
+    try:
+        for question, response, system_prompt in zip(rows.question, rows.response, rows.system_prompt):
+            prefix = hl.format_chat(tok, [question], system_prompt=system_prompt)[0]
+            pre = tok(prefix, add_special_tokens=False)["input_ids"]
+            cont = tok(response, add_special_tokens=False)["input_ids"] if response else []
+            with torch.no_grad():
+                hidden = model(input_ids=torch.tensor([pre + cont]), output_hidden_states=True).hidden_states
+            span = slice(len(pre), len(pre) + len(cont)) if cont else slice(len(pre) - 1, len(pre))
+            out.append(torch.stack([h[0, span].double().mean(0) for h in (*hidden[:-1], last["h"])]))
+    finally:
+        handle.remove()
+    return torch.stack(out)
+
+
+def test_separation_matches_hand_computed_values():
+    dirs = hl.Directions(torch.tensor([[5.0, 0.0]]))  # unit direction e1 at index 0: projections are the x values
+    pos = torch.tensor([[3.0, 5.0], [1.0, -2.0], [2.0, 0.0]])[:, None]
+    neg = torch.tensor([[0.0, 1.0], [2.0, 7.0], [2.5, -3.0]])[:, None]
+    sep = pv.separation(dirs, pos, neg, 0)
+    # pairs (p, q) with p > q: (3,0) (3,2) (3,2.5) (1,0) (2,0); one tie (2,2) counts half
+    assert sep["auroc"] == pytest.approx(5.5 / 9)
+    assert sep["positive_mean"] == pytest.approx(2.0) and sep["negative_mean"] == pytest.approx(1.5)
+    assert sep["cohens_d"] == pytest.approx(0.5 / (1.0 / 2 + 1.75 / 2) ** 0.5)  # unbiased variances 1 and 1.75
+    assert pv.separation(dirs, neg, pos, 0)["auroc"] == pytest.approx(1 - 5.5 / 9)
+
+
 def test_persona_pipeline_separates_response_sets(tiny_llama):
     model, tok = tiny_llama
     # short system prompts keep the byte-level sequences short (fast on a busy CPU)
@@ -85,15 +117,24 @@ def test_persona_pipeline_separates_response_sets(tiny_llama):
     assert not frame[frame.pair == 1].keep.any()
     dirs = result.directions
     assert dirs.vectors.shape == (5, 64) and dirs.method == "persona" and dirs.meta["kept_pairs"] == 7
+    # The vector is the mean over kept positive responses minus kept negative ones of each response's mean
+    # response-token residual, recomputed here without the library's capture code (no batching, no padding).
     kept = frame[frame.keep]
+    by_hand = {side: response_means_by_hand(model, tok, rows) for side, rows in kept.groupby("side")}
+    assert len(by_hand["positive"]) == len(by_hand["negative"]) == 7
+    expected = by_hand["positive"].mean(0) - by_hand["negative"].mean(0)
+    assert torch.allclose(dirs.vectors.double(), expected, atol=1e-5)
+    # Separation out of sample: responses to questions the vector never saw, under the same system prompts.
+    heldout = pv.generate_contrastive(model, tok, trait, questions=["Sun?", "Cats?", "How?", "Snow?"], n_prompts=1,
+                                      max_new_tokens=6, progress=False)
     acts = {side: pv.response_activations(model, tok, list(rows.question), list(rows.response),
                                           system_prompts=list(rows.system_prompt), progress=False)
-            for side, rows in kept.groupby("side")}
+            for side, rows in heldout.groupby("side")}
+    flipped = hl.Directions(-dirs.vectors)
     for layer in (2, 4):
         sep = pv.separation(dirs, acts["positive"], acts["negative"], layer)
-        assert sep["positive_mean"] > sep["negative_mean"] and sep["auroc"] == 1.0
-    # the vector is exactly the mean difference of the response-token means
-    assert torch.allclose(dirs.vectors, acts["positive"].mean(0) - acts["negative"].mean(0), atol=1e-5)
+        assert sep["positive_mean"] > sep["negative_mean"] and sep["auroc"] == 1.0 and sep["cohens_d"] > 1.0
+        assert pv.separation(flipped, acts["positive"], acts["negative"], layer)["auroc"] == 0.0
 
 
 def test_monitoring_and_screening(tiny_llama):

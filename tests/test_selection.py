@@ -104,6 +104,52 @@ def test_scoring_on_tiny_model(tiny_llama):
     assert hook_counts(model) == hooks_before  # transformers may keep its own capture hooks; ours are gone
 
 
+def last_logprobs_by_hand(model, tok, prompts):
+    """First-response-token log-probabilities, one unpadded prompt at a time, in float64: ``[n, vocab]``."""
+    rows = []
+    for prompt in prompts:
+        ids = tok(hl.format_chat(tok, [prompt])[0], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            rows.append(torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1))
+    return torch.stack(rows)
+
+
+def test_bypass_and_kl_of_one_candidate_by_hand(tiny_llama):
+    """One candidate's bypass and KL recomputed without the library's hooks, metric or KL code: the direction is
+    orthogonalized out of every residual writer's weights (embedding, o_proj, down_proj) of a copy of the model."""
+    import copy
+
+    model, tok = tiny_llama
+    harmful, harmless = PROMPTS[:3], PROMPTS[3:]
+    dirs = candidate_directions(model, tok, harmful, harmless, positions=[-1])
+    frame, baseline = score_candidates(model, tok, dirs, harmful, harmless, layers=[1])
+    row = frame.iloc[0]
+    r = dirs[-1].vectors[1].double()
+    r = r / r.norm()
+    edited = copy.deepcopy(model)
+    assert edited.lm_head.weight is not edited.model.embed_tokens.weight  # untied: the unembedding stays as it is
+    with torch.no_grad():
+        E = edited.model.embed_tokens.weight
+        E.copy_(E.double() - torch.outer(E.double() @ r, r))
+        for block in edited.model.layers:
+            for W in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):  # (d, n)
+                W.copy_(W.double() - torch.outer(r, r @ W.double()))
+    refusal = [tok.encode(w, add_special_tokens=False)[0] for w in ("I", "I'm", "Sorry", "As", "Unfortunately")]
+    refusal = sorted(set(refusal))
+
+    def metric(logprobs):  # log P_ref − log(1 − P_ref), P_ref summed over the refusal-opening tokens
+        p = logprobs.exp()[:, refusal].sum(-1)
+        return (p.log() - (1 - p).log()).mean()
+
+    base_harmful, base_harmless = last_logprobs_by_hand(model, tok, harmful), last_logprobs_by_hand(model, tok, harmless)
+    abl_harmful, abl_harmless = last_logprobs_by_hand(edited, tok, harmful), last_logprobs_by_hand(edited, tok, harmless)
+    assert float(metric(base_harmful)) == pytest.approx(baseline["harmful"], abs=2e-5)
+    assert float(metric(abl_harmful)) == pytest.approx(row.bypass, abs=2e-5)
+    kl = (base_harmless.exp() * (base_harmless - abl_harmless)).sum(-1).mean()
+    assert float(kl) == pytest.approx(row.kl, rel=1e-3, abs=1e-7)
+    assert float(kl) > 1e-5 and abs(row.bypass - baseline["harmful"]) > 1e-3  # the ablation does something
+
+
 def test_teacher_forced_logprobs_match_full_forward(tiny_llama):
     model, tok = tiny_llama
     responses = ["Sure, here", "No"]

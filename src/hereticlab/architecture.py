@@ -91,7 +91,8 @@ class ArchitectureSpec:
 _DENSE = {"attn": ("self_attn.o_proj",), "mlp": ("mlp.down_proj",)}
 _SANDWICH = {"self_attn.o_proj": "post_attention_layernorm", "mlp.down_proj": "post_feedforward_layernorm"}
 _SANDWICH_NOTE = ("sandwich norms: o_proj/down_proj outputs pass through an RMSNorm before the residual add, so "
-                  "orthogonalizing the writer does not remove the direction from the stream; use post_norm_basis")
+                  "orthogonalizing the writer against Q does not remove the direction from the stream; plan_ablation "
+                  "orthogonalizes these writers against post_norm_basis (g ⊙ Q) instead, which does")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": ArchitectureSpec(("model.layers",), _DENSE),
@@ -426,21 +427,50 @@ def norm_gain(norm: nn.Module, d: int) -> torch.Tensor:
         return norm(ones)[0].float().cpu()
 
 
+def _check_rms_like(writer: Writer, g: torch.Tensor, d: int) -> None:
+    """Raise unless ``writer.post_norm`` acts as ``x ↦ c(x) · g ⊙ x`` (an RMSNorm without bias or centring): only then
+    does orthogonalizing the writer against ``g ⊙ Q`` remove ``Q`` from what reaches the residual exactly."""
+    norm = writer.post_norm
+    p = next(norm.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    device = p.device if p is not None else None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, d, generator=gen) + torch.tensor([[0.0], [3.0]])  # the second row has a large mean
+    with torch.no_grad():
+        y = norm(x.to(dtype=dtype, device=device)).float().cpu()
+    gx = g[None, :] * x.to(dtype)
+    c = (y * gx).sum(-1, keepdim=True) / (gx * gx).sum(-1, keepdim=True).clamp_min(1e-30)
+    err = float(((y - c * gx).abs().amax(-1) / y.abs().amax(-1).clamp_min(1e-30)).max())
+    tol = 1e-3 if torch.finfo(dtype).bits >= 32 else 3e-2
+    if not err < tol:
+        raise UnsupportedModelError(
+            f"{writer.name}: its post-norm {type(norm).__name__} is not of the form g ⊙ x / rms(x) (relative deviation "
+            f"{err:.3g}; a bias or mean subtraction?), so no weight edit of the writer removes the direction from the "
+            f"residual stream exactly; edit without this writer (components=...) or use hook-based ablation")
+
+
 def post_norm_basis(writer: Writer, Q: torch.Tensor) -> torch.Tensor:
     """The basis to orthogonalize ``writer`` against so that what reaches the residual has no ``Q`` component.
 
     Without a post-norm this is ``Q``. With an RMSNorm ``y = g ⊙ x / rms(x)`` after the writer (Gemma 2/3
     sandwich norms), ``Qᵀ y = (g ⊙ Q)ᵀ x / rms(x)``, so orthogonalizing the writer against the orthonormalized
-    columns of ``g ⊙ Q`` makes the post-norm output exactly orthogonal to ``Q``. ``Q [d, k]`` → ``[d, k]``.
+    columns of ``g ⊙ Q`` makes the post-norm output exactly orthogonal to ``Q``. ``Q [d, k]`` → ``[d, k']``
+    (``k' < k`` only where zero gains make ``g ⊙ Q`` rank-deficient). Raises ``UnsupportedModelError`` if the
+    post-norm is not of that form (e.g. a LayerNorm with bias or mean subtraction), where no exact correction exists.
     """
     if writer.post_norm is None:
         return Q
-    g = norm_gain(writer.post_norm, Q.shape[0]).to(Q.dtype)
-    scaled = (Q * g[:, None]).T.double()  # [k, d]
-    q, r = torch.linalg.qr(scaled.T)
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1
-    return (q * signs).to(Q.dtype)
+    g = norm_gain(writer.post_norm, Q.shape[0])
+    _check_rms_like(writer, g, Q.shape[0])
+    scaled = Q.double() * g.double()[:, None]  # [d, k]
+    q, r = torch.linalg.qr(scaled)
+    diag = torch.diagonal(r).abs()
+    if bool((diag > 1e-9 * scaled.norm(dim=0).max().clamp_min(1e-300)).all()):
+        signs = torch.sign(torch.diagonal(r))
+        signs[signs == 0] = 1
+        return (q * signs).to(Q.dtype)
+    u, s, _ = torch.linalg.svd(scaled, full_matrices=False)  # rank-deficient: keep the column space only
+    return u[:, s > 1e-9 * s.max().clamp_min(1e-300)].to(Q.dtype)
 
 
 WRITER_KINDS = ("direct", "scaled", "gated", "normed", "inactive")

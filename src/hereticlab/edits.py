@@ -13,10 +13,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .architecture import Writer, find_layers, find_writers
+from .architecture import Writer, find_layers, find_writers, post_norm_basis
 from .directions import Directions, orthonormal_basis
 
-NORM_MODES = ("none", "row", "column")
+NORM_MODES = ("none", "row", "column")  # plain; Heretic's per-row MPOA; Jim Lai's per-column MPOA
 
 Strength = float | torch.Tensor | Mapping[str, "float | torch.Tensor"]
 
@@ -29,12 +29,17 @@ Strength = float | torch.Tensor | Mapping[str, "float | torch.Tensor"]
 def orthogonalize(W: torch.Tensor, Q: torch.Tensor, strength: float = 1.0, norm: str = "none") -> torch.Tensor:
     """``W − λ Q (Qᵀ W)`` for ``W [..., d, n]``, ``Q [d, k]`` orthonormal; computed in float32 or better.
 
-    ``norm``:
-      * ``"none"``: the plain rank-k edit.
-      * ``"column"``: each column ``W[:, j]`` (what input unit j writes into the residual) keeps its norm; at
-        ``λ = 1`` outputs stay exactly orthogonal to ``Q`` (rescaling a column keeps it orthogonal).
-      * ``"row"``: Jim Lai's norm-preserving variant: rows are normalized, ablated, renormalized to unit length
-        and given back their original norms (exact, no low-rank approximation); some ``Q`` component returns.
+    ``norm`` (which published method each mode reproduces):
+      * ``"none"``: the plain rank-k edit (Arditi et al.'s weight orthogonalization).
+      * ``"column"``: Jim Lai's norm-preserving ablation ("MPOA", the reference code's ``modify_tensor_norm_preserved``
+        in llm-abliteration): each column ``W[:, j]`` (what input unit j writes into the residual) is split into norm
+        and unit direction, the direction is ablated, and the column gets its original norm back. The reference
+        code transposes the HF ``(out, in)`` weight and normalizes rows of the transpose ("row norms" in its
+        comments), which are these columns. At ``λ = 1`` outputs stay exactly orthogonal to ``Q`` (rescaling a
+        column keeps it orthogonal).
+      * ``"row"``: Heretic's variant: each row ``W[i, :]`` (one residual coordinate) is normalized, ablated,
+        renormalized to unit length and given back its original norm. Exact here (Heretic approximates it with a
+        rank-3 randomized-SVD LoRA); some ``Q`` component returns even at ``λ = 1``.
     """
     if norm not in NORM_MODES:
         raise ValueError(f"unknown norm mode {norm!r}; choose from {NORM_MODES}")
@@ -125,6 +130,14 @@ def plan_ablation(
     (components missing from the dict are not edited). Writers with zero strength are skipped.
     ``"mlp"`` also covers MoE expert writers (fused or per-expert down projections, shared experts) unless
     ``"expert"`` is given its own entry; SSM mixers are the ``"ssm"`` component.
+
+    Post-norms (Gemma 2/3 sandwich norms, ``Writer.post_norm``): an RMSNorm ``g ⊙ x / rms(x)`` between a writer and
+    the residual rotates an orthogonalized write back towards the direction, so such a writer is orthogonalized
+    against ``post_norm_basis`` (the orthonormalized ``g ⊙ Q``) instead of ``Q``; its ``WriterEdit.basis`` is that
+    corrected basis. At ``λ = 1`` (``norm="none"`` or ``"column"``) what reaches the stream is then exactly
+    orthogonal to ``Q``, as for writers without a post-norm. A post-norm that is not of that form (bias, mean
+    subtraction) cannot be corrected exactly: ``UnsupportedModelError``. To reproduce the uncorrected edit, pass
+    ``writers=[dataclasses.replace(w, post_norm=None) for w in find_writers(model)]``.
     """
     if isinstance(strength, Mapping):
         components = tuple(c for c in components if c in strength) or tuple(strength)
@@ -134,6 +147,7 @@ def plan_ablation(
     n_layers = len(find_layers(model))
     shared = None if isinstance(direction, Directions) else _as_basis(direction)
     bases: dict[int, torch.Tensor] = {}
+    corrected: dict[tuple[int, int], torch.Tensor] = {}
     edits = []
     for writer in writers:
         if writer.component not in components:
@@ -148,6 +162,11 @@ def plan_ablation(
             if index not in bases:
                 bases[index] = direction.basis(index)
             q = bases[index]
+        if writer.post_norm is not None:
+            key = (id(writer.post_norm), id(q))
+            if key not in corrected:
+                corrected[key] = post_norm_basis(writer, q)
+            q = corrected[key]
         edits.append(WriterEdit(writer, q, lam, norm))
     return edits
 

@@ -57,8 +57,9 @@ def weiszfeld_median(points, iters: int = 100, eps: float = 1e-8, tol: float = 1
     """Geometric median over the first axis by Weiszfeld's iteration, batched over any middle axes.
 
     ``points [n, ..., d]`` → ``[..., d]`` (e.g. residuals ``[prompt, layer, d]`` → ``[layer, d]``). Starts at the
-    mean; ``y ← Σ w_i x_i / Σ w_i`` with ``w_i = 1 / max(‖x_i − y‖, eps)``. Stops after ``iters`` steps or once
-    no batch entry moves by more than ``tol`` times its points' scale. float64.
+    mean; ``y ← Σ w_i x_i / Σ w_i`` with ``w_i = 1 / ‖x_i − y‖``; where ``y`` lands on data points (within
+    ``eps``) they are left out and the step is Vardi & Zhang's (``y`` stays only if that point is the median).
+    Stops after ``iters`` steps or once no batch entry moves by more than ``tol`` times its points' scale. float64.
     """
     x = as_numpy(points)
     if x.ndim < 2 or x.shape[0] == 0:
@@ -66,9 +67,14 @@ def weiszfeld_median(points, iters: int = 100, eps: float = 1e-8, tol: float = 1
     y = x.mean(axis=0)
     scale = np.abs(x - y).max(initial=0.0) + 1e-300
     for _ in range(iters):
-        dist = np.linalg.norm(x - y, axis=-1, keepdims=True)  # [n, ..., 1]
-        w = 1.0 / np.maximum(dist, eps)
-        new = (w * x).sum(axis=0) / w.sum(axis=0)
+        diff = x - y
+        dist = np.linalg.norm(diff, axis=-1, keepdims=True)  # [n, ..., 1]
+        on = dist <= eps
+        w = np.where(on, 0.0, 1.0 / np.maximum(dist, eps))
+        plain = (w * x).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-300)
+        pull = np.linalg.norm((w * diff).sum(axis=0), axis=-1, keepdims=True)  # Vardi & Zhang (2000), as in methods
+        gamma = np.minimum(on.sum(axis=0) / np.maximum(pull, 1e-300), 1.0)
+        new = (1 - gamma) * plain + gamma * y
         shift = np.abs(new - y).max(initial=0.0)
         y = new
         if shift <= tol * scale:

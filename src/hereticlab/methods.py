@@ -32,8 +32,9 @@ from .directions import Directions, _check_pair, mean_difference, normalize, ort
 def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> torch.Tensor:
     """Geometric median of ``points [n, d]`` → ``[d]`` (Weiszfeld, float64 inside, input dtype out).
 
-    ``y ← Σ w_i x_i / Σ w_i`` with ``w_i = 1 / max(‖x_i − y‖, eps)``, starting at the mean; stops early once
-    ``y`` moves less than ``eps`` (relative to the data scale).
+    ``y ← Σ w_i x_i / Σ w_i`` with ``w_i = 1 / ‖x_i − y‖``, starting at the mean; stops early once ``y`` moves
+    less than ``eps`` (relative to the data scale). When ``y`` lands on data points (within ``eps``), those are
+    left out of the average and the step is Vardi & Zhang's: ``y`` stays there only if that point is the median.
     """
     if points.ndim != 2:
         raise ValueError(f"geometric_median expects points [n, d]; got shape {tuple(points.shape)}")
@@ -51,9 +52,16 @@ def geometric_median_batched(points: torch.Tensor, iters: int = 100, eps: float 
     y = x.mean(0)  # [L, d]
     scale = x.norm(dim=-1).mean(0).clamp_min(1.0)  # [L]
     for _ in range(iters):
-        dist = (x - y).norm(dim=-1).clamp_min(eps)  # [n, L]
-        w = 1.0 / dist
-        new = (w[..., None] * x).sum(0) / w.sum(0)[:, None]
+        diff = x - y  # [n, L, d]
+        dist = diff.norm(dim=-1)  # [n, L]
+        on = dist <= eps  # y sits on these points
+        w = torch.where(on, 0.0, 1.0 / dist.clamp_min(eps))
+        plain = (w[..., None] * x).sum(0) / w.sum(0).clamp_min(1e-300)[:, None]  # Weiszfeld over the other points
+        # Vardi & Zhang (2000): y on η points moves to (1 − γ) T + γ y, γ = min(1, η / ‖Σ_i w_i (x_i − y)‖); γ = 1
+        # (stay) exactly when the pull of the other points is at most η, i.e. when y is the median.
+        pull = (w[..., None] * diff).sum(0).norm(dim=-1)  # [L]
+        gamma = (on.sum(0).double() / pull.clamp_min(1e-300)).clamp(max=1.0)  # 0 where y is on no point
+        new = (1 - gamma)[:, None] * plain + gamma[:, None] * y
         moved = (new - y).norm(dim=-1) / scale
         y = new
         if bool((moved < eps).all()):
