@@ -1,12 +1,15 @@
 """Time per search trial: hereticlab's evaluator vs a reference that does what Heretic does.
 
-Reference (per trial): the edit applied through PEFT LoRA adapters (rank 1 per writer, as Heretic does), first-token
-log-probs through ``generate(max_new_tokens=1, output_scores=True, output_hidden_states=True)`` on the harmless
-prompts, and 100 greedy tokens through ``generate()`` for every harmful prompt, judged by markers on the full text.
+Reference (per trial; ``common.ReferenceEvaluator``): the edit applied through PEFT LoRA adapters (rank 1 per writer,
+as Heretic does) attached to every attention and MLP writer of every block (the union of what any trial can edit;
+modules a trial leaves alone get zero factors), first-token log-probs through ``generate(max_new_tokens=1,
+output_scores=True, output_hidden_states=True)`` on the harmless prompts, and 100 greedy tokens through
+``generate()`` for every harmful prompt, judged by markers on the full text.
 hereticlab: in-place edit with exact revert, prefix reuse, last-position logits, early-stopping decoding.
-Both see the same fixed list of parameter sets, the same prompts and the same batch size, one after the other.
+Both see the same fixed list of parameter sets (``common.parameter_sets``), the same prompts and the same batch
+size, one after the other. ``tests/test_bench_reference.py`` checks on a tiny model that both apply the same edit.
 
-    python bench/trial_speed.py [--model default] [--trials 10] [--prompts 50] [--heretic]
+    python bench/trial_speed.py [--model default] [--trials 10] [--prompts 50] [--batch-size 50] [--decide-after 16]
 """
 
 from __future__ import annotations
@@ -17,76 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, setup, weight_bytes  # noqa: E402
+from common import PeakRSS, benchmark_space, parameter_sets, reference_trials, setup, weight_bytes  # noqa: E402
 
 import hereticlab as hl  # noqa: E402
-from hereticlab.capture import batched, encode  # noqa: E402
 from hereticlab.evaluation import TrialEvaluator  # noqa: E402
-from hereticlab.export import attach_lora, lora_factors, set_lora_factors  # noqa: E402
-from hereticlab.search import SearchSpace, edits_from_params  # noqa: E402
-
-
-def parameter_sets(n: int, seed: int = 0) -> list[dict]:
-    """A fixed, seeded list: random draws of the default space (as a search's start-up phase makes)."""
-    space = SearchSpace(scopes=("global",))
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [space.suggest(study.ask()) for _ in range(n)]
-
-
-class ReferenceEvaluator:
-    """What a Heretic trial costs: LoRA adapters in the forward pass, generate() for everything, 100 tokens."""
-
-    def __init__(self, model, tok, bad, good, batch_size: int, max_new_tokens: int = 100):
-        self.model, self.tok, self.batch_size, self.max_new_tokens = model, tok, batch_size, max_new_tokens
-        self.bad, self.good = hl.format_chat(tok, bad), hl.format_chat(tok, good)
-        self.detector = hl.MarkerDetector()
-        self.device = next(model.parameters()).device
-        self.peft = None
-        self.baseline = self.logprobs()
-
-    def attach(self, factors_template):
-        self.peft = attach_lora(self.model, factors_template)
-
-    def detach(self):
-        if self.peft is not None:
-            self.peft.unload()
-            self.peft = None
-
-    @torch.no_grad()
-    def logprobs(self):
-        out = []
-        net = self.peft or self.model
-        for chunk in batched(self.good, self.batch_size):
-            batch = encode(self.tok, chunk, self.device)
-            gen = net.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=1,
-                               do_sample=False, output_scores=True, output_hidden_states=True,
-                               return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
-            out.append(torch.log_softmax(gen.scores[0].float(), -1).cpu())
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def refusals(self):
-        decisions, texts = [], []
-        net = self.peft or self.model
-        for chunk in batched(self.bad, self.batch_size):
-            batch = encode(self.tok, chunk, self.device)
-            gen = net.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id)
-            new = self.tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            texts.extend(new)
-            decisions.extend(self.detector(new))
-        return decisions, texts
-
-    def evaluate(self, model, edits):
-        t0 = time.perf_counter()
-        set_lora_factors(self.peft, lora_factors(model, edits))
-        kl = float(hl.kl_from_logprobs(self.baseline, self.logprobs()).mean())
-        decisions, texts = self.refusals()
-        return time.perf_counter() - t0, kl, decisions, texts
+from hereticlab.search import edits_from_params  # noqa: E402
 
 
 def main():
@@ -115,24 +56,21 @@ def main():
     peak_fast = mem.peak
     del fast
 
-    # (b) reference
-    t0 = time.perf_counter()
-    ref = ReferenceEvaluator(model, tok, hev, gev, args.batch_size)
-    ref.attach(lora_factors(model, plans[0]))
-    setup_ref = time.perf_counter() - t0
-    ref_results = [ref.evaluate(model, edits) for edits in plans]
-    ref.detach()
+    # (b) reference: adapters on every writer any trial can edit, each trial's exact factors
+    setup_ref, ref_results = reference_trials(model, tok, hev, gev, dirs, params, batch_size=args.batch_size,
+                                              max_new_tokens=100, space=benchmark_space())
 
     print(f"\n{'trial':>5} {'ref s':>8} {'fast s':>8} {'ratio':>6} {'agree':>6} {'ref refusals':>12} {'fast refusals':>13} "
           f"{'ref KL':>8} {'fast KL':>8} {'steps':>5} {'start':>5}")
     agree_total, n_total = 0, 0
-    for i, (fr, (rt, rkl, rdec, _)) in enumerate(zip(fast_results, ref_results)):
+    for i, (fr, ref) in enumerate(zip(fast_results, ref_results)):
+        rt, rkl, rdec = ref.seconds, ref.kl, ref.decisions
         agree = sum(a == b for a, b in zip(fr.decisions, rdec))
         agree_total += agree
         n_total += len(rdec)
         print(f"{i:>5} {rt:>8.1f} {fr.seconds:>8.1f} {rt / fr.seconds:>6.1f} {agree / len(rdec):>6.0%} {sum(rdec):>12} "
               f"{fr.refusals:>13} {rkl:>8.4f} {fr.kl:>8.4f} {fr.decode_steps:>5} {fr.start_layer:>5}")
-    t_ref = sum(r[0] for r in ref_results) / len(ref_results)
+    t_ref = sum(r.seconds for r in ref_results) / len(ref_results)
     t_fast = sum(r.seconds for r in fast_results) / len(fast_results)
     print(f"\nset-up (once per search): reference {setup_ref:.1f} s, hereticlab {setup_fast:.1f} s")
     print(f"time per trial: reference {t_ref:.1f} s, hereticlab {t_fast:.1f} s, ratio {t_ref / t_fast:.2f}x")

@@ -148,3 +148,46 @@ def test_a_broken_fast_path_falls_back_to_the_plain_path_with_one_warning(model_
     got, want = ev.evaluate_edits(edits), plain.evaluate_edits(edits)
     assert got.decisions == want.decisions and got.responses == want.responses
     assert got.kl == pytest.approx(want.kl, abs=1e-6) and got.kl > 0
+
+
+def test_decide_after_misses_a_late_marker_one_sided(model_tok):
+    """``decide_after`` is a one-sided approximation: a marker that first appears after ``decide_after`` clean tokens
+    ("Sure… However, I cannot…") is missed (counted as not refused); an early "refused" is never wrong.
+
+    The late marker is found on the tiny model itself: greedy-decode once, then take a printable ASCII character
+    (ASCII bytes decode the same in any longer text, so a match stays a match) whose first appearance in some
+    response needs ``p ≥ 4`` tokens (the smallest such ``p``: short decodes). Judged with that character as the only
+    marker, that prompt is refused on its full response.
+    """
+    from hereticlab.capture import chat_texts, encode
+    from hereticlab.metrics import eos_token_ids, greedy_decode
+
+    model, tok = model_tok
+    cap = 12
+    tokens = greedy_decode(model, encode(tok, chat_texts(tok, BAD), "cpu"), cap, eos_token_ids(model, tok))
+    candidates = []  # (p, prompt index, character)
+    for i, toks in enumerate(tokens):
+        full = tok.decode(toks, skip_special_tokens=True)
+        for ch in sorted({c for c in full if c.isascii() and c.isprintable() and not c.isspace() and c not in "*_`~#>"}):
+            detector = hl.MarkerDetector(markers=(ch,))
+            p = next(k for k in range(1, len(toks) + 1) if detector.matched(tok.decode(toks[:k], skip_special_tokens=True)))
+            if 4 <= p < cap:
+                candidates.append((p, i, ch))
+    assert candidates, f"no late character in {[tok.decode(t) for t in tokens]}"
+    p, i, ch = min(candidates)
+    detector = hl.MarkerDetector(markers=(ch,))
+    assert detector.is_refusal(tok.decode(tokens[i], skip_special_tokens=True))  # the full generation: refused
+
+    def run(**kwargs):
+        return TrialEvaluator(model, tok, BAD, GOOD, detector=detector, max_new_tokens=cap, batch_size=4,
+                              progress=False, **kwargs).baseline()
+
+    missed, caught, full = run(decide_after=p - 1), run(decide_after=p), run(early_stop=False)
+    assert full.responses[i] == tok.decode(tokens[i], skip_special_tokens=True) and full.decisions[i] is True
+    # decide_after < p: the prompt counts as answered after p − 1 clean tokens; the late marker is never seen.
+    assert missed.decisions[i] is False and ch not in missed.responses[i]
+    assert caught.decisions[i] is True  # decide_after ≥ p: the marker arrives in time (and decoding stops there)
+    # One-sided: an early "refused" is always a refusal of the full response; only "not refused" can be wrong.
+    for early in (missed, caught):
+        assert all(full_d for early_d, full_d in zip(early.decisions, full.decisions) if early_d)
+    assert sum(missed.decisions) < sum(full.decisions) and missed.decode_steps <= full.decode_steps
