@@ -253,7 +253,9 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     splits = prompt_splits(config, behaviour)
     storage = make_storage(config.storage, out)
-    study = open_study(config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials)
+    # A storage given explicitly (or a fixed trial count) means other workers may share the study: seed per trial.
+    study = open_study(config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials,
+                       shared=config.storage is not None or worker_trials is not None)
     if config.storage is None:
         requeued = requeue_interrupted(study)
         if requeued:

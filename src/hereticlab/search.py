@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -123,6 +124,19 @@ def edits_from_params(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def database_url(storage: str) -> str:
+    """The SQLAlchemy URL for a storage URL. A bare ``postgresql://`` names SQLAlchemy's default driver, which is
+    psycopg 3 from SQLAlchemy 2.1 on (psycopg2 before): when only psycopg2 is installed, name it explicitly
+    (``postgresql+psycopg2://``). Every other URL is returned unchanged."""
+    import importlib.util
+
+    scheme, sep, rest = storage.partition("://")
+    if sep and scheme == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return storage
+
+
 def make_storage(storage: str | None, run_dir: str | Path | None = None):
     """A journal file in ``run_dir`` by default; otherwise an Optuna storage URL (``sqlite:///…``, ``postgresql://…``).
 
@@ -141,9 +155,10 @@ def make_storage(storage: str | None, run_dir: str | Path | None = None):
     if storage.endswith((".journal", ".log")) and "://" not in storage:
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(storage))
+    url = database_url(storage)
     for attempt in range(10):
         try:
-            return RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+            return RDBStorage(url, heartbeat_interval=30, grace_period=120)
         except Exception as exc:  # noqa: BLE001 - Optuna raises many kinds; the user needs one line
             # Workers starting together race to create the schema: retry those database errors only.
             if type(exc).__name__ in ("IntegrityError", "OperationalError") and attempt < 9:
@@ -154,10 +169,40 @@ def make_storage(storage: str | None, run_dir: str | Path | None = None):
     raise AssertionError("unreachable")
 
 
-def open_study(name: str, storage, *, seed: int = 0, n_startup_trials: int = 10) -> optuna.Study:
-    """Create or resume a two-objective study (refusals, KL; both minimized) with multivariate TPE."""
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials,
-                                         constant_liar=True)
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random state for trial ``n`` depends on ``(seed, n)`` only, not on what this process drew before.
+
+    Workers sharing one study all start from the same ``--seed``; with one random stream per process each of them
+    would replay the same start-up (random) trials. Reseeding from the trial number gives every trial its own
+    draws, the same ones whichever worker runs it, and keeps a single-process run reproducible.
+    """
+
+    def __init__(self, *, seed: int | None = None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self._trial_seed = seed
+
+    def before_trial(self, study, trial) -> None:
+        super().before_trial(study, trial)
+        tpe_rng = getattr(self, "_rng", None)
+        random_rng = getattr(getattr(self, "_random_sampler", None), "_rng", None)
+        if self._trial_seed is None:
+            return
+        if tpe_rng is None or random_rng is None:  # never run a shared study with silently repeated start-up trials
+            raise SearchError(f"optuna {optuna.__version__} moved the sampler's random state, so workers of a shared "
+                              "study would repeat each other's start-up trials; install the locked versions (make setup)")
+        tpe_seed, random_seed = np.random.SeedSequence([self._trial_seed % 2**64, trial.number]).generate_state(2)
+        tpe_rng.rng.seed(int(tpe_seed))
+        random_rng.rng.seed(int(random_seed))
+
+
+def open_study(name: str, storage, *, seed: int = 0, n_startup_trials: int = 10, shared: bool = False) -> optuna.Study:
+    """Create or resume a two-objective study (refusals, KL; both minimized) with multivariate TPE.
+
+    ``shared``: other processes may work on this study at the same time; the sampler then draws each trial's random
+    numbers from ``(seed, trial number)`` (``TrialSeededTPESampler``) so that workers do not repeat each other.
+    """
+    sampler_class = TrialSeededTPESampler if shared else optuna.samplers.TPESampler
+    sampler = sampler_class(seed=seed, multivariate=True, n_startup_trials=n_startup_trials, constant_liar=True)
     for attempt in range(10):
         try:
             return optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
