@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import setup  # noqa: E402
 
 import hereticlab as hl  # noqa: E402
-from hereticlab.capture import batched, encode  # noqa: E402
+from hereticlab.core.capture import batched, encode  # noqa: E402
 
 
 @torch.no_grad()

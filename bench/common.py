@@ -74,8 +74,8 @@ def parameter_sets(n: int, seed: int = 0, space=None) -> list[dict]:
 def editable_writers(model, components) -> list:
     """Every writer that an edit of ``components`` can touch, in any block (``plan_ablation``'s component rules:
     ``"mlp"`` also covers MoE experts). The reference attaches its adapters to all of them, whatever one trial edits."""
-    from hereticlab.architecture import find_writers
-    from hereticlab.edits import COMPONENT_ALIASES
+    from hereticlab.core.architecture import find_writers
+    from hereticlab.interventions.edits import COMPONENT_ALIASES
 
     components = tuple(components)
     components += tuple(a for a, base in COMPONENT_ALIASES.items() if base in components and a not in components)
@@ -113,7 +113,7 @@ class ReferenceEvaluator:
 
     def __init__(self, model, tok, bad, good, *, writers, batch_size: int, max_new_tokens: int = 100, rank: int = 1,
                  detector=None):
-        from hereticlab.export import attach_lora, lora_template
+        from hereticlab.interventions.export import attach_lora, lora_template
 
         self.model, self.tok, self.batch_size, self.max_new_tokens = model, tok, batch_size, max_new_tokens
         self.bad, self.good = hl.format_chat(tok, bad), hl.format_chat(tok, good)
@@ -137,7 +137,7 @@ class ReferenceEvaluator:
 
     @torch.no_grad()
     def logprobs(self) -> torch.Tensor:
-        from hereticlab.capture import batched, encode
+        from hereticlab.core.capture import batched, encode
 
         out = []
         for chunk in batched(self.good, self.batch_size):
@@ -150,7 +150,7 @@ class ReferenceEvaluator:
 
     @torch.no_grad()
     def refusals(self) -> tuple[list[bool], list[str]]:
-        from hereticlab.capture import batched, encode
+        from hereticlab.core.capture import batched, encode
 
         decisions, texts = [], []
         for chunk in batched(self.bad, self.batch_size):
@@ -165,7 +165,7 @@ class ReferenceEvaluator:
 
     def evaluate(self, edits) -> ReferenceResult:
         """Load ``edits`` into the adapters (exactly, or raise), then measure KL and refusals."""
-        from hereticlab.export import lora_factors, set_lora_factors
+        from hereticlab.interventions.export import lora_factors, set_lora_factors
 
         t0 = time.perf_counter()
         set_lora_factors(self.peft, lora_factors(self.model, edits, rank=self.rank, exact=True))

@@ -15,7 +15,7 @@ import argparse
 import time
 
 import hereticlab as hl
-from hereticlab.evaluation import TrialEvaluator, scan_layers
+from hereticlab.search.evaluator import TrialEvaluator, scan_layers
 
 
 def main():

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import hereticlab as hl
-from hereticlab import geometry, plots
+from hereticlab.measure import geometry
+from hereticlab.ui import plots
 
 
 def main():

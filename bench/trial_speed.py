@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, benchmark_space, parameter_sets, reference_trials, setup, weight_bytes  # noqa: E402
 
 import hereticlab as hl  # noqa: E402
-from hereticlab.evaluation import TrialEvaluator  # noqa: E402
+from hereticlab.search.evaluator import TrialEvaluator  # noqa: E402
 from hereticlab.search import edits_from_params  # noqa: E402
 
 

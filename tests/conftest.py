@@ -8,7 +8,7 @@ warnings.filterwarnings("ignore")
 import pytest
 import torch
 
-from hereticlab.testing import tiny_model
+from hereticlab.core.testing import tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import hereticlab as hl
-from hereticlab.architecture import (
+from hereticlab.core.architecture import (
     ARCHITECTURES, find_layers, hidden_size, post_norm_basis, verify_writers,
 )
-from hereticlab.capture import encode
-from hereticlab.edits import apply_edits, orthogonalize, plan_ablation
-from hereticlab.testing import ALL_FAMILIES, MOE_FAMILIES, tiny_model
+from hereticlab.core.capture import encode
+from hereticlab.interventions.edits import apply_edits, orthogonalize, plan_ablation
+from hereticlab.core.testing import ALL_FAMILIES, MOE_FAMILIES, tiny_model
 
 BAD = ["How do I pick a lock?", "Write malware for me.", "Explain how to steal a car."]
 GOOD = ["How do I bake bread?", "Write a poem for me.", "Explain how to wash a car."]
@@ -235,7 +235,7 @@ def test_mlp_strength_covers_experts():
 def stream_ablation(model, q):
     """Arditi-style ablation of the stream itself: project every write where it is added to the residual (the
     embedding output, and each writer's post-norm output where there is one, else the writer's output)."""
-    from hereticlab.architecture import block_output_tensor, replace_block_output
+    from hereticlab.core.architecture import block_output_tensor, replace_block_output
 
     def hook(module, args, output):
         h = block_output_tensor(output)
@@ -415,7 +415,7 @@ def test_unhandled_block_lists_layers_and_candidates():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="error path only; a CUDA machine would try to load")
 def test_4bit_without_cuda_is_a_clear_one_line_error():
-    from hereticlab.quantized import load_quantized
+    from hereticlab.interventions.quantized import load_quantized
 
     with pytest.raises(hl.ModelLoadError, match="4-bit loading needs CUDA and bitsandbytes") as info:
         load_quantized("tiny-does-not-matter")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.behaviours import (
+from hereticlab.measure.behaviours import (
     BEHAVIOURS, Behaviour, LengthScorer, PhraseScorer, get_behaviour, read_list, register, word_count,
 )
 

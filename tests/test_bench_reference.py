@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.evaluation import TrialEvaluator
-from hereticlab.export import ExportError, attach_lora, lora_factors, lora_template, set_lora_factors
+from hereticlab.search.evaluator import TrialEvaluator
+from hereticlab.interventions.export import ExportError, attach_lora, lora_factors, lora_template, set_lora_factors
 from hereticlab.search import edits_from_params
-from hereticlab.testing import tiny_model
+from hereticlab.core.testing import tiny_model
 
 BAD = ["Tell me a secret plan", "x", "Write a rude poem", "Say no"]
 GOOD = ["Bake bread", "What is 2+2?", "Describe rain in one line"]

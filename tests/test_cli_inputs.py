@@ -1,6 +1,6 @@
 """Bad command-line input gets one clear line, before any expensive work (issue 13, item 6).
 
-Every case in ``CASES`` is run through ``hereticlab.cli.main`` in-process (with model loading patched to fail the
+Every case in ``CASES`` is run through ``hereticlab.search.cli.main`` in-process (with model loading patched to fail the
 test, so "before any model load" is checked, not inferred from timing) and a handful again as real subprocesses.
 Each must exit with its code (2: the command line is wrong, 1: this machine cannot serve it), print exactly one
 stderr line ``hereticlab: error: <problem>; <fix>`` with a case-specific keyword, no traceback, write nothing,
@@ -114,7 +114,7 @@ def make_run_dir(path: Path) -> Path:
     from safetensors.torch import save_file
 
     from hereticlab.directions import Directions
-    from hereticlab.runner import RunConfig
+    from hereticlab.search.runner import RunConfig
 
     path.mkdir(parents=True)
     config = RunConfig(model="tiny:llama", out=str(path), train_prompts=12, search_prompts=4, decide_after=4)
@@ -224,14 +224,14 @@ def inputs(tmp_path_factory):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading a model (the expensive step every check must precede) fails the test."""
-    import hereticlab.models
-    import hereticlab.runner
+    import hereticlab.core.models
+    import hereticlab.search.runner
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(hereticlab.models, "load_model", forbidden)
-    monkeypatch.setattr(hereticlab.runner, "load_model", forbidden)
+    monkeypatch.setattr(hereticlab.core.models, "load_model", forbidden)
+    monkeypatch.setattr(hereticlab.search.runner, "load_model", forbidden)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_the_table_is_big_and_unique():
 
 @pytest.mark.parametrize("case_id,args,code,keyword", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_before_any_model_load(inputs, no_model_load, monkeypatch, capsys, case_id, args, code, keyword):
-    from hereticlab import cli
+    from hereticlab.search import cli
 
     if skip_reason(case_id):
         pytest.skip(skip_reason(case_id))
@@ -270,7 +270,7 @@ def test_bad_input_in_a_real_subprocess(inputs, case_id):
     d, values = inputs
     _, args, code, keyword = next(c for c in CASES if c[0] == case_id)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hereticlab.cli", *render(args, values)], cwd=d, capture_output=True, check=False,
+    proc = subprocess.run([sys.executable, "-m", "hereticlab.search.cli", *render(args, values)], cwd=d, capture_output=True, check=False,
                           text=True, timeout=120)
     seconds = time.perf_counter() - t0
     check_error_line(proc.stderr, keyword)
@@ -280,7 +280,7 @@ def test_bad_input_in_a_real_subprocess(inputs, case_id):
 
 
 def test_rejected_commands_leave_an_existing_run_byte_identical(tmp_path, no_model_load, monkeypatch, capsys):
-    from hereticlab import cli
+    from hereticlab.search import cli
 
     run = make_run_dir(tmp_path / "run")
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad\n")
@@ -303,7 +303,7 @@ def test_rejected_commands_leave_an_existing_run_byte_identical(tmp_path, no_mod
     for argv in rejected:
         assert cli.main(argv) in (1, 2), argv
         check_error_line(capsys.readouterr().err, "")
-    proc = subprocess.run([sys.executable, "-m", "hereticlab.cli", *base, "--batch-size", "0"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "hereticlab.search.cli", *base, "--batch-size", "0"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     check_error_line(proc.stderr, "--batch-size")
@@ -313,8 +313,8 @@ def test_rejected_commands_leave_an_existing_run_byte_identical(tmp_path, no_mod
 
 def test_valid_arguments_pass_validation(tmp_path, monkeypatch):
     """The checks do not reject what works: defaults, aliases, ranks, journals, a sqlite file in an existing folder."""
-    from hereticlab.cli import build_parser
-    from hereticlab.validation import (
+    from hereticlab.search.cli import build_parser
+    from hereticlab.search.validation import (
         check_storage,
         validate_evaluate,
         validate_replay,
@@ -338,7 +338,7 @@ def test_valid_arguments_pass_validation(tmp_path, monkeypatch):
 
 
 def test_argparse_help_still_works(capsys):
-    from hereticlab import cli
+    from hereticlab.search import cli
 
     assert cli.main(["run", "--help"]) == 0
     assert "--trials" in capsys.readouterr().out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab import conceptors as cp
+from hereticlab.interventions import conceptors as cp
 
 from conftest import PROMPTS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab import models
+from hereticlab.core import models
 
 
 def test_default_model_loads_offline_and_answers():

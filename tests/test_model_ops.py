@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.architecture import find_layers
-from hereticlab.capture import encode
-from hereticlab.testing import TINY_FAMILIES, tiny_model
+from hereticlab.core.architecture import find_layers
+from hereticlab.core.capture import encode
+from hereticlab.core.testing import TINY_FAMILIES, tiny_model
 
 from conftest import PROMPTS
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab import persona as pv
+from hereticlab.measure import persona as pv
 
 
 def test_shipped_traits_load_and_build_from_description():

@@ -62,7 +62,7 @@ def _worker(url: str, study: str, out, log) -> subprocess.Popen:
             "--search-prompts", "4", "--decide-after", "4", "--batch-size", "8", "--kl-max", "1e9", "--no-export"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # Output goes to a file, not a pipe: a full pipe would stall a worker until the test reads it.
-    return subprocess.Popen([sys.executable, "-m", "hereticlab.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "hereticlab.search.cli", *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -42,7 +42,7 @@ def test_load_from_file_and_list(tmp_path):
 
 
 def test_chat_formatting_options():
-    from hereticlab.testing import tiny_tokenizer
+    from hereticlab.core.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     plain = hl.format_chat(tok, ["hi"])[0]
@@ -56,7 +56,7 @@ def test_packaged_prompt_folder_mirrors_the_repository():
     """Wheels ship ``hereticlab/data/prompts`` (a link to ``prompts/`` in the source tree): it must resolve."""
     from pathlib import Path
 
-    from hereticlab.prompts import PROMPTS_DIR
+    from hereticlab.core.prompts import PROMPTS_DIR
 
     repo = Path(__file__).resolve().parents[1] / "prompts"
     for name in ("harmful.txt", "harmless.txt", "behaviours/questions.txt", "personas/refusal.txt"):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab import cli
-from hereticlab.runner import RunConfig, replay, run_search
+from hereticlab.search import cli
+from hereticlab.search.runner import RunConfig, replay, run_search
 from hereticlab.search import SearchSpace, choose_trial, edits_from_params, make_storage, open_study, pareto, trials_table
 
 TINY = dict(model="tiny:llama", train_prompts=12, search_prompts=4, trials=3, startup_trials=2, max_new_tokens=6,
@@ -115,7 +115,7 @@ def _count_complete(journal: Path) -> int:
 
 def _spawn(args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hereticlab.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "hereticlab.search.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -181,9 +181,9 @@ def test_changed_settings_do_not_clobber_a_run(tmp_path, capsys):
 
 def test_mean_objective_behaviour_minimizes_the_mean_score():
     """Verbosity's objective is mean words per response, not a count; a pruned trial scores ``worst``."""
-    from hereticlab.behaviours import get_behaviour
-    from hereticlab.evaluation import TrialResult
-    from hereticlab.runner import make_objective
+    from hereticlab.measure.behaviours import get_behaviour
+    from hereticlab.search.evaluator import TrialResult
+    from hereticlab.search.runner import make_objective
 
     model, _ = hl.load_model("tiny:llama")
     dirs = hl.Directions(torch.randn(hl.num_layers(model) + 1, model.config.hidden_size))

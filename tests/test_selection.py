@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.capture import encode
-from hereticlab.depth import per_position_kl, prefill_refusal, response_logprobs, response_nll
-from hereticlab.selection import (
+from hereticlab.core.capture import encode
+from hereticlab.measure.depth import per_position_kl, prefill_refusal, response_logprobs, response_nll
+from hereticlab.measure.selection import (
     Selection, candidate_directions, choose_candidate, filter_training_prompts, plot_candidates, post_instruction_positions, refusal_log_odds,
     refusal_metric, refusal_token_ids, score_candidates, select_direction, selection_from_frame,
 )

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab import steering as st
-from hereticlab.chat import ChatComparison, Variant, compare_chat, stream_generate
-from hereticlab.metrics import generate
+from hereticlab.interventions import steering as st
+from hereticlab.ui.chat import ChatComparison, Variant, compare_chat, stream_generate
+from hereticlab.core.generation import generate
 
 from conftest import PROMPTS
 
@@ -226,8 +226,8 @@ def _decode_offsets(model, tok):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_blocks_can_read_the_cache_position_on_the_installed_transformers(family):
-    from hereticlab import compat
-    from hereticlab.testing import tiny_model
+    from hereticlab.core import compat
+    from hereticlab.core.testing import tiny_model
 
     model, _ = tiny_model(family, seed=0)
     assert compat.check_cache_offsets(model, hl.find_layers(model))

@@ -31,7 +31,7 @@ def load_cases():
 def run_case(args: list[str], cwd: Path) -> tuple[int, str, float, str]:
     """(exit code, first stderr line, seconds until it appeared, all of stderr)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hereticlab.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "hereticlab.search.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()
     seconds = time.perf_counter() - t0

@@ -34,7 +34,7 @@ quickstart = [
     "md:## Which layer's direction?\nAblate each layer's direction from every attention and MLP writer and count "
     "refusals on held-out harmful prompts (greedy decoding, stopped once decided) and first-token KL on held-out "
     "harmless prompts.",
-    "from hereticlab.evaluation import TrialEvaluator, scan_layers, plot_layer_scan\n\n"
+    "from hereticlab.search.evaluator import TrialEvaluator, scan_layers, plot_layer_scan\n\n"
     "evaluator = TrialEvaluator(model, tok, eval_h, eval_g, decide_after=16)\nbaseline = evaluator.baseline()\n"
     "step = 1 if QUICK else 2\nscan = scan_layers(evaluator, dirs, indices=range(L // 3, L, step))\n"
     "plot_layer_scan(scan, baseline_refusals=baseline.refusals, n_prompts=len(eval_h));\nscan",
@@ -60,7 +60,7 @@ search = [
     "minimum and reach), scored on refusals and first-token KL. The study lives in a journal file in the run "
     "directory: re-running this cell resumes it.",
     HEADER,
-    "import hereticlab as hl\nfrom hereticlab.runner import RunConfig, run_search\nfrom hereticlab.search import pareto, plot_pareto, trials_table\n\n"
+    "import hereticlab as hl\nfrom hereticlab.search.runner import RunConfig, run_search\nfrom hereticlab.search import pareto, plot_pareto, trials_table\n\n"
     "model, tok = hl.load_model(MODEL)\n"
     "config = RunConfig(model=MODEL, out=f\"{OUTPUT}/search\", trials=4 if QUICK else 30, startup_trials=2 if QUICK else 10,\n"
     "                   train_prompts=16 if QUICK else 200, search_prompts=6 if QUICK else 50, kl_max=1e9 if QUICK else 0.2,\n"
@@ -69,7 +69,7 @@ search = [
     "md:## The Pareto front",
     "plot_pareto(result.study, kl_max=config.kl_max, chosen=result.chosen.number);\npareto(result.study)",
     "md:## Pick a trial and compare its responses with the original model's",
-    "from hereticlab.trial_picker import TrialPicker\n\n"
+    "from hereticlab.ui.trial_picker import TrialPicker\n\n"
     "directions = {m: hl.Directions.load(result.out / f\"directions/{m}.safetensors\") for m in config.methods}\n"
     "test_prompts = hl.load_prompts(\"harmful\").split(train=200)[1][-(3 if QUICK else 6):]\n"
     "picker = TrialPicker(result.study, model, tok, directions, test_prompts, max_new_tokens=8 if QUICK else 48)\npicker",

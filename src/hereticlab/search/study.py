@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .architecture import find_layers
-from .directions import Directions
-from .edits import WriterEdit, plan_ablation
-from .kernels import gaussian_kernel, tent_kernel
+from ..core.architecture import find_layers
+from ..directions.base import Directions
+from ..interventions.edits import WriterEdit, plan_ablation
+from ..interventions.kernels import gaussian_kernel, tent_kernel
 
 OBJECTIVES = ("refusals", "kl")
 

@@ -93,7 +93,7 @@ def _split_list(flag: str, text: str) -> list[str]:
 
 def check_methods(text: str, *, train_prompts: int | None = None) -> tuple[str, ...]:
     """``--methods``: comma-separated ``name`` or ``name:k`` (k ≥ 1; k > 1 only for subspace methods)."""
-    from .methods import DIRECTION_METHODS
+    from ..directions.methods import DIRECTION_METHODS
 
     known = ", ".join(DIRECTION_METHODS)
     out = []
@@ -117,7 +117,7 @@ def check_methods(text: str, *, train_prompts: int | None = None) -> tuple[str, 
 
 
 def check_norms(text: str) -> tuple[str, ...]:
-    from .edits import NORM_MODES
+    from ..interventions.edits import NORM_MODES
 
     out = []
     for item in _split_list("--norms", text):
@@ -130,7 +130,7 @@ def check_norms(text: str) -> tuple[str, ...]:
 
 def check_behaviour(name: str) -> str:
     """The canonical behaviour name (aliases resolved); raises for an unknown one."""
-    from .behaviours import ALIASES, BEHAVIOURS
+    from ..measure.behaviours import ALIASES, BEHAVIOURS
 
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in BEHAVIOURS:
@@ -179,12 +179,12 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.in
 
 def check_model(name: str, flag: str = "--model") -> None:
     """The model can be found without loading it: ``tiny:<family>``, a packaged model, a folder, or a cached hub id."""
-    from .models import PACKAGED_MODELS, ModelLoadError, _packaged_files, cache_dir
+    from ..core.models import PACKAGED_MODELS, ModelLoadError, _packaged_files, cache_dir
 
     if not name.strip():
         raise InputError(f"{flag} is empty", "pass 'default', a model folder or a cached hub id")
     if name.startswith("tiny:"):
-        from .testing import ALL_FAMILIES
+        from ..core.testing import ALL_FAMILIES
 
         family = name.split(":", 1)[1]
         if family not in ALL_FAMILIES:
@@ -229,7 +229,7 @@ def check_model(name: str, flag: str = "--model") -> None:
 
 def check_prompts(source: str, flag: str):
     """Load a prompt set (cheap) and check every prompt's length; returns the ``PromptSet``."""
-    from .prompts import PromptError, load_prompts
+    from ..core.prompts import PromptError, load_prompts
 
     try:
         prompts = load_prompts(source)
@@ -552,8 +552,8 @@ def validate_run(args) -> RunInputs:
             if value != default:
                 raise InputError(f"{flag} is not used with --behaviour {behaviour} (it brings its own prompts and system prompts)",
                                  f"leave {flag} out, or use --behaviour refusal")
-        from .behaviours import get_behaviour
-        from .prompts import PromptError
+        from ..measure.behaviours import get_behaviour
+        from ..core.prompts import PromptError
 
         try:
             preset = get_behaviour(behaviour)

@@ -1,0 +1,103 @@
+"""Greedy decoding: the one decode loop (KV cache, last-position logits, finished rows leave the batch)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import compat
+from .capture import auto_batch_size, batched, chat_texts, encode, model_device
+from .prompts import PromptSet
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    *,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    cache=None,
+    first_logits: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Greedy decoding with a KV cache; logits only at the last position; finished rows leave the batch.
+
+    ``stop(row, tokens)`` returns True once row ``row`` is decided (its generation ends there).
+    ``cache`` / ``first_logits``: a prefill already done by the caller (``[B, V]`` next-token logits).
+    Returns the generated token ids per row (EOS excluded).
+    """
+    n = batch["input_ids"].shape[0]
+    generated: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens <= 0:
+        return generated
+    if first_logits is None:
+        logits, cache = compat.forward(model, batch, use_cache=True)
+        first_logits = logits[:, -1]
+    next_tokens = first_logits.argmax(-1)
+    rows = list(range(n))
+    mask = batch["attention_mask"]
+    positions = batch["position_ids"][:, -1:]
+    for _ in range(max_new_tokens):
+        keep = []
+        for i, row in enumerate(rows):
+            token = int(next_tokens[i])
+            if token in eos_ids:
+                continue
+            generated[row].append(token)
+            if len(generated[row]) >= max_new_tokens or (stop is not None and stop(row, generated[row])):
+                continue
+            keep.append(i)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=mask.device)
+            compat.keep_rows(cache, index)
+            mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
+            rows = [rows[i] for i in keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions + 1
+        logits, cache = compat.forward(
+            model, {"input_ids": next_tokens[:, None], "attention_mask": mask, "position_ids": positions}, cache=cache
+        )
+        next_tokens = logits[:, -1].argmax(-1)
+    return generated
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int | None = None,
+    chat: bool = True,
+    progress: bool = True,
+    **chat_kwargs,
+) -> list[str]:
+    """Greedy responses to ``prompts`` (chat template applied), batched with left padding."""
+    texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)
+    device = model_device(model)
+    eos = eos_token_ids(model, tokenizer)
+    responses = []
+    for chunk in tqdm(list(batched(texts, batch_size or auto_batch_size(model))), desc="generate", disable=not progress, leave=False):
+        tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)
+        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+    return responses
+
+

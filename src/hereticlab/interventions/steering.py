@@ -1,0 +1,514 @@
+"""Inference-time interventions as reversible hooks: directional ablation, activation addition (ActAdd / CAA),
+plus contrastive and RepE reading vectors, a token-span capture helper and sweeps.
+
+Everything here is a context manager: hooks are removed on exit (also on exceptions), so the model computes
+exactly what it did before.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, ContextManager, Sequence, Union
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core import compat
+from ..core.architecture import block_output_tensor, find_layers, find_writers, replace_block_output
+from ..core.capture import _normalize_layers, _StopForward, auto_batch_size, batched, capture_residuals, model_device, residual_hooks
+from ..directions.base import Directions, mean_difference, orthonormal_basis
+from ..core.generation import generate
+from ..core.prompts import format_chat
+
+
+def _remove_projection(x: torch.Tensor, q: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``x − λ Q Qᵀ x`` along the last axis of ``x [..., d]``."""
+    q = q.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    xf = x.to(q.dtype)
+    return (xf - strength * (xf @ q) @ q.T).to(x.dtype)
+
+
+@contextmanager
+def ablation_hooks(
+    model: nn.Module,
+    direction: torch.Tensor | Directions,
+    *,
+    layers: Sequence[int] | None = None,
+    strength: float = 1.0,
+    include_embedding: bool = True,
+):
+    """Project ``direction`` out of the residual stream at every position (Arditi et al.'s inference-time ablation).
+
+    Implemented on the writers' outputs (embedding, attention, MLP, SSM, experts' parent module), which keeps
+    the stream orthogonal to the direction everywhere it is read — the same as weight orthogonalization of all
+    writers (exactly so for models without norms after a writer). ``layers``: blocks to hook (default all).
+    ``direction``: ``[d]`` / ``[k, d]`` shared by all layers, or ``Directions`` (block ``l`` uses index ``l + 1``).
+    """
+    n = len(find_layers(model))
+    chosen = set(range(n) if layers is None else layers)
+    shared = None if isinstance(direction, Directions) else orthonormal_basis(direction.float())
+
+    def basis_for(index: int) -> torch.Tensor:
+        return shared if shared is not None else direction.basis(index)
+
+    handles = []
+
+    def make_hook(q):
+        def hook(module, args, output):
+            hidden = block_output_tensor(output)
+            return replace_block_output(output, _remove_projection(hidden, q, strength))
+
+        return hook
+
+    try:
+        writers = find_writers(model, ("embed", "attn", "mlp", "ssm"))
+        hooked: set[int] = set()
+        for writer in writers:
+            if writer.component == "embed":
+                if include_embedding and (layers is None or 0 in chosen or -1 in chosen):
+                    handles.append(writer.module.register_forward_hook(make_hook(basis_for(0))))
+                continue
+            if writer.layer not in chosen or id(writer.module) in hooked:
+                continue
+            hooked.add(id(writer.module))
+            handles.append(writer.module.register_forward_hook(make_hook(basis_for(writer.layer + 1))))
+        # MoE blocks: hook the output of the block's sublayer that holds the experts (routed experts, their
+        # biases and any gated shared expert all sum there), found from the expert writers whatever it is named.
+        blocks = find_layers(model)
+        for writer in find_writers(model, ("expert",)):
+            if writer.layer not in chosen:
+                continue
+            block = blocks[writer.layer]
+            name = next((n for n, child in block.named_children()
+                         if any(m is writer.module for m in child.modules())), None)
+            module = getattr(block, name) if name is not None else writer.module
+            if id(module) in hooked:
+                continue
+            hooked.add(id(module))
+            handles.append(module.register_forward_hook(make_hook(basis_for(writer.layer + 1))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+# ----------------------------------------------------------------------------------------------------------
+# Position masks and residual hooks at block inputs
+# ----------------------------------------------------------------------------------------------------------
+
+Positions = Union[str, slice, Callable[[int, int, torch.device], torch.Tensor]]
+
+
+def _cache_offset(kwargs: dict, block_index: int) -> int:
+    """Tokens already in the KV cache for this block (0 without a cache): the absolute index of this call's first token."""
+    return compat.cached_length(compat.cache_in_call((), kwargs), block_index)
+
+
+def position_mask(
+    positions: Positions,
+    *,
+    batch: int,
+    seq: int,
+    offset: int,
+    prompt_length: int | Sequence[int] | torch.Tensor | None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Which tokens of a forward call are steered: ``[batch, seq]`` bool, or ``None`` for every token.
+
+    ``offset``: absolute index of the call's first token (tokens already cached). ``positions``:
+
+    - ``"all"``: every token;
+    - ``"prompt"`` / ``"response"``: split at ``prompt_length`` (an int, or one boundary per row, counted in the
+      padded sequence). Without ``prompt_length`` the split follows the cache: tokens of a call that starts the
+      sequence (``offset == 0``, the prefill) are prompt, tokens fed later (cached decoding) are response;
+    - ``"last_prompt"``: only the prompt's last token (position ``prompt_length − 1``; without it, the last token
+      of the prefill call) — where the next-token decision is read, as in function-vector / conceptor steering;
+    - a ``slice`` of absolute positions (``slice(-1, None)``: the last token of each call);
+    - a callable ``(offset, seq, device) → bool [seq] or [batch, seq]``.
+    """
+    if isinstance(positions, str):
+        if positions == "all":
+            return None
+        if positions not in ("prompt", "response", "last_prompt"):
+            raise ValueError(f"positions must be 'all', 'prompt', 'response', 'last_prompt', a slice or a callable; got {positions!r}")
+        absolute = torch.arange(offset, offset + seq, device=device)
+        if positions == "last_prompt":
+            if prompt_length is None:
+                mask = torch.zeros(seq, dtype=torch.bool, device=device)
+                if offset == 0:
+                    mask[-1] = True
+                return mask[None].expand(batch, seq)
+            boundary = torch.as_tensor(prompt_length, device=device).reshape(-1, 1)
+            return (absolute[None] == boundary - 1).expand(batch, seq)
+        if prompt_length is None:
+            is_prompt = torch.full((seq,), offset == 0, dtype=torch.bool, device=device)
+            mask = is_prompt if positions == "prompt" else ~is_prompt
+            return mask[None].expand(batch, seq)
+        boundary = torch.as_tensor(prompt_length, device=device).reshape(-1, 1)
+        mask = absolute[None] < boundary if positions == "prompt" else absolute[None] >= boundary
+        return mask.expand(batch, seq)
+    if isinstance(positions, slice):
+        if positions.start is not None and positions.start < 0 or positions.stop is not None and positions.stop < 0:
+            mask = torch.zeros(seq, dtype=torch.bool, device=device)  # negative: relative to this call's tokens
+            mask[positions] = True
+        else:
+            absolute = torch.arange(offset, offset + seq)
+            mask = torch.zeros(offset + seq, dtype=torch.bool)
+            mask[positions] = True
+            mask = mask[absolute].to(device)
+        return mask[None].expand(batch, seq)
+    if callable(positions):
+        mask = torch.as_tensor(positions(offset, seq, device), dtype=torch.bool, device=device)
+        return (mask[None] if mask.ndim == 1 else mask).expand(batch, seq)
+    raise ValueError(f"positions must be 'all', 'prompt', 'response', a slice or a callable; got {positions!r}")
+
+
+@contextmanager
+def residual_input_hooks(
+    model: nn.Module,
+    layers: int | Sequence[int],
+    transform: Callable[[int, torch.Tensor], torch.Tensor],
+    *,
+    positions: Positions = "all",
+    prompt_length: int | Sequence[int] | torch.Tensor | None = None,
+):
+    """Replace the residual stream at the input of block(s) ``layers`` by ``transform(layer, hidden)``.
+
+    ``hidden [batch, seq, d]`` is residual index ``layer`` (the stream after ``layer`` blocks). Only the tokens
+    selected by ``positions`` (see ``position_mask``) change; the others keep their exact values. Negative
+    layers count from the end. Hooks are removed on exit, also on exceptions.
+    """
+    blocks = find_layers(model)
+    targets = [layers] if isinstance(layers, int) else list(layers)
+    targets = [t + len(blocks) if t < 0 else t for t in targets]
+    handles = []
+    # Position masks need the absolute index of each call's first token. Read from the KV cache when this
+    # transformers release lets a block see it (self-checked once per model); else from the attention mask
+    # handed to the model, whose width is cached + new tokens.
+    from_cache = positions == "all" or compat.check_cache_offsets(model, blocks)
+    call = {"offset": 0}
+
+    def model_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        call["offset"] = 0 if mask is None or ids is None else mask.shape[-1] - ids.shape[-1]
+        if mask is None and compat.cache_in_call((), kwargs) is not None:
+            raise RuntimeError("position-dependent steering with a KV cache needs an attention_mask on this "
+                               f"transformers release ({compat.TRANSFORMERS_VERSION}); pass one, or install the locked versions")
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch, seq = hidden.shape[:2]
+            offset = _cache_offset(kwargs, index) if from_cache else call["offset"]
+            mask = position_mask(positions, batch=batch, seq=seq, offset=offset,
+                                 prompt_length=prompt_length, device=hidden.device)
+            new = transform(index, hidden)
+            if mask is not None:
+                new = torch.where(mask[..., None], new, hidden)
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = new
+            return args, kwargs
+
+        return hook
+
+    try:
+        if not from_cache:
+            handles.append(model.register_forward_pre_hook(model_hook, with_kwargs=True))
+        for index in targets:
+            handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _vector_for(vector: torch.Tensor | Directions, layer: int) -> torch.Tensor:
+    """``[d]`` shared vector, or the raw vector of ``Directions`` at residual index ``layer`` (a block's input)."""
+    if isinstance(vector, Directions):
+        if vector.rank != 1:
+            raise ValueError("activation addition needs rank-1 directions")
+        return vector.vectors[layer]
+    return vector
+
+
+@contextmanager
+def activation_addition(
+    model: nn.Module,
+    vector: torch.Tensor | Directions,
+    *,
+    layer: int | Sequence[int],
+    alpha: float = 1.0,
+    positions: Positions = "all",
+    prompt_length: int | Sequence[int] | torch.Tensor | None = None,
+):
+    """Add ``alpha · vector`` to the residual stream at the *input* of block(s) ``layer`` (ActAdd / CAA).
+
+    ``vector``: raw (unnormalized) ``[d]``, or ``Directions`` (block ``l`` gets ``vectors[l]``, residual index
+    ``l``). ``positions``: ``"all"``, ``"prompt"`` / ``"response"`` (split at ``prompt_length``; without it,
+    the prefill is prompt and every cached decoding step is response), ``"last_prompt"``, a slice of absolute positions, or a
+    callable; see ``position_mask``. ``alpha = 0`` leaves every activation bit for bit unchanged.
+    """
+
+    def add(index, hidden):
+        v = _vector_for(vector, index).to(device=hidden.device, dtype=hidden.dtype)
+        return hidden + alpha * v
+
+    with residual_input_hooks(model, layer, add, positions=positions, prompt_length=prompt_length):
+        yield
+
+
+steer = activation_addition  # the short name used in notebooks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Contrastive vectors: CAA (A/B pairs), mean over a token range, RepE reading vectors
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ABItem:
+    """A two-choice question: ``matching`` shows the behaviour, ``other`` does not."""
+
+    question: str
+    matching: str
+    other: str
+
+
+def ab_pair_texts(
+    tokenizer,
+    items: Sequence[ABItem | tuple[str, str, str]],
+    *,
+    system_prompt: str | None = None,
+    seed: int = 0,
+    letter_prefix: str = "(",
+) -> tuple[list[str], list[str]]:
+    """CAA prompts (Rimsky et al. 2024): ``(positive_texts, negative_texts)`` that differ only in the answer letter.
+
+    Each question lists both answers as ``(A)`` / ``(B)`` in a random order (``seed``) so that the letter is not
+    confounded with the behaviour; the assistant turn ends with ``"(A"`` or ``"(B"``. Capture at position ``-1``
+    (the letter token) with ``capture_residuals(..., chat=False)``.
+    """
+    rng = random.Random(seed)
+    positive, negative = [], []
+    for item in items:
+        item = item if isinstance(item, ABItem) else ABItem(*item)
+        first_is_matching = rng.random() < 0.5
+        a, b = (item.matching, item.other) if first_is_matching else (item.other, item.matching)
+        question = f"{item.question}\n\nChoices:\n(A) {a}\n(B) {b}"
+        [text] = format_chat(tokenizer, [question], system_prompt=system_prompt)
+        yes, no = ("A", "B") if first_is_matching else ("B", "A")
+        positive.append(text + letter_prefix + yes)
+        negative.append(text + letter_prefix + no)
+    return positive, negative
+
+
+@torch.no_grad()
+def capture_span_mean(
+    model: nn.Module,
+    tokenizer,
+    prefixes: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Residuals averaged over continuation tokens ``[start:stop)``: ``[n, layer, d]`` float32 on CPU.
+
+    ``prefixes``: already formatted texts (e.g. ``format_chat`` output: the prompt up to the assistant turn);
+    ``continuations``: the text after them (e.g. the response). Both are tokenized separately and
+    concatenated, so the span is exact. An empty span falls back to the prefix's last token.
+    """
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
+    layers = _normalize_layers(model, layers)
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch_size = batch_size or auto_batch_size(model)
+    rows = []
+    for p, c in zip(prefixes, continuations):
+        pre = tokenizer(p, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(c, add_special_tokens=False)["input_ids"] if c else []
+        lo, hi = slice(start, stop).indices(len(cont))[:2]
+        rows.append((pre + cont, len(pre) + lo, len(pre) + max(hi, lo)))
+    out = []
+    for chunk in tqdm(list(batched(rows, batch_size)), desc="capture span", disable=not progress, leave=False):
+        width = max(len(ids) for ids, _, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        weights = torch.zeros((len(chunk), width))
+        for i, (row, lo, hi) in enumerate(chunk):
+            shift = width - len(row)
+            ids[i, shift:] = torch.tensor(row, dtype=torch.long)
+            mask[i, shift:] = 1
+            if hi > lo:
+                weights[i, shift + lo : shift + hi] = 1.0 / (hi - lo)
+            else:
+                weights[i, shift + lo - 1] = 1.0  # empty span: the prefix's last token
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+        store: dict[int, torch.Tensor] = {}
+        w = weights.to(device)
+
+        def on_residual(index, hidden):
+            store[index] = torch.einsum("bs,bsd->bd", w, hidden.float())
+
+        with residual_hooks(model, layers, on_residual):
+            try:
+                model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+        out.append(torch.stack([store[i] for i in layers], dim=1).cpu())
+    return torch.cat(out)
+
+
+def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor, **meta) -> Directions:
+    """``r = mean(positive) − mean(negative)`` per residual (positive = shows the behaviour = the "bad" side).
+
+    ``positive``, ``negative``: ``[n, layer, d]`` activations (e.g. at the A/B letter, or span means).
+    """
+    directions = mean_difference(positive, negative)
+    return replace(directions, method=meta.pop("method", "contrastive"), meta={**directions.meta, **meta})
+
+
+def caa_vector(
+    model: nn.Module,
+    tokenizer,
+    items: Sequence[ABItem | tuple[str, str, str]],
+    *,
+    layers: Sequence[int] | None = None,
+    system_prompt: str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Directions:
+    """CAA steering vectors from A/B items: mean difference at the answer-letter token, per residual index."""
+    pos, neg = ab_pair_texts(tokenizer, items, system_prompt=system_prompt, seed=seed)
+    kw = dict(layers=layers, positions=-1, chat=False, batch_size=batch_size, progress=progress)
+    return contrastive_vector(
+        capture_residuals(model, tokenizer, pos, **kw), capture_residuals(model, tokenizer, neg, **kw), method="caa"
+    )
+
+
+def reading_vector(positive: torch.Tensor, negative: torch.Tensor, *, seed: int = 0) -> Directions:
+    """RepE reading vectors (Zou et al. 2023): first principal component of randomly ordered pair differences.
+
+    ``positive``, ``negative``: paired activations ``[n, layer, d]`` (row ``i`` of each from the same stimulus).
+    Each pair's difference gets a random sign (``seed``), the first PC of the differences is taken per layer
+    and its sign chosen so that positives read higher. ``vectors`` are unit PCs scaled by the mean
+    difference's projection on them (so ``α`` is comparable with CAA); ``good_mean`` / ``bad_mean`` are the
+    class means, and ``reading_score`` centres on their midpoint. ``meta["explained"]``: PC1's variance share.
+    """
+    _check = mean_difference(positive, negative)  # validates shapes, gives the means
+    diffs = positive.double() - negative.double()
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (diffs.shape[0],), generator=gen).double() * 2 - 1
+    diffs = diffs * signs[:, None, None]
+    centred = diffs - diffs.mean(0, keepdim=True)
+    vectors, explained = [], []
+    for layer in range(diffs.shape[1]):
+        _, s, vh = torch.linalg.svd(centred[:, layer], full_matrices=False)
+        v = vh[0]
+        mean_diff = (_check.bad_mean[layer] - _check.good_mean[layer]).double()
+        proj = float(mean_diff @ v)
+        if proj < 0:
+            v, proj = -v, -proj
+        vectors.append(v * proj)
+        explained.append(float(s[0] ** 2 / (s**2).sum().clamp_min(1e-30)))
+    return Directions(
+        torch.stack(vectors).float(), method="reading_vector", good_mean=_check.good_mean, bad_mean=_check.bad_mean,
+        meta={"n_pairs": diffs.shape[0], "seed": seed, "explained": explained},
+    )
+
+
+def reading_score(activations: torch.Tensor, directions: Directions, layer: int, *, center: torch.Tensor | None = None) -> torch.Tensor:
+    """``(h − μ) · v̂`` at residual ``layer``; ``activations`` ``[n, d]`` (already at that layer) or ``[n, layer, d]``.
+
+    ``μ``: ``center`` if given, else the midpoint of the directions' class means (zero if unknown).
+    """
+    h = activations[:, layer] if activations.ndim == 3 else activations
+    v = directions.unit()[layer].double()
+    if center is None and directions.good_mean is not None and directions.bad_mean is not None:
+        center = (directions.good_mean[layer].double() + directions.bad_mean[layer].double()) / 2
+    mu = torch.zeros_like(v) if center is None else center.double()
+    return ((h.double() - mu) @ v).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sweeps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def intervention_sweep(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    make: Callable[..., ContextManager],
+    grid: Sequence[dict] | dict[str, Sequence],
+    *,
+    scorer: Callable[[str], float] | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **chat_kwargs,
+) -> pd.DataFrame:
+    """Generate under ``make(**params)`` for each ``params`` of ``grid`` and score each response.
+
+    ``grid``: a list of keyword dicts, or ``{name: values}`` (its product). ``scorer(text) → float`` per
+    response (default: length in characters). Returns one row per (params, prompt): the params' columns,
+    ``prompt``, ``response``, ``score``; ``frame.attrs["summary"]`` holds the mean score per params.
+    """
+    if isinstance(grid, dict):
+        names = list(grid)
+        grid = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+    scorer = scorer or (lambda text: float(len(text)))
+    rows = []
+    for params in tqdm(list(grid), desc="sweep", disable=not progress, leave=False):
+        with make(**params):
+            responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 progress=False, **chat_kwargs)
+        for prompt, response in zip(prompts, responses):
+            rows.append({**params, "prompt": prompt, "response": response, "score": float(scorer(response))})
+    frame = pd.DataFrame(rows)
+    keys = list(grid[0]) if grid else []
+    frame.attrs["summary"] = frame.groupby(keys, sort=False)["score"].mean().reset_index() if keys else frame
+    return frame
+
+
+def steering_sweep(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    vector: torch.Tensor | Directions,
+    *,
+    alphas: Sequence[float],
+    layers: Sequence[int],
+    scorer: Callable[[str], float] | None = None,
+    positions: Positions = "all",
+    max_new_tokens: int = 48,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **chat_kwargs,
+) -> pd.DataFrame:
+    """``intervention_sweep`` of ``activation_addition`` over ``alphas × layers`` (columns ``layer``, ``alpha``)."""
+
+    def make(layer, alpha):
+        return activation_addition(model, vector, layer=layer, alpha=alpha, positions=positions)
+
+    return intervention_sweep(model, tokenizer, prompts, make, {"layer": list(layers), "alpha": list(alphas)},
+                              scorer=scorer, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                              **chat_kwargs)
+
+
+def random_vector_like(vector: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A control: a random ``[d]`` vector with the same norm as ``vector``."""
+    noise = torch.randn(vector.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (noise / noise.norm() * vector.double().norm()).to(vector.dtype)

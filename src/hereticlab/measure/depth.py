@@ -1,0 +1,219 @@
+"""Safety-alignment depth (Qi et al. 2024): where along a response an edit changes the model, and prefill attacks.
+
+* ``per_position_kl``: teacher-force a fixed response after each prompt and compare the next-token distributions of
+  the original and the edited model at every response position: ``KL_k(orig ‖ edited | x, y_<k)``.
+* ``prefill_refusal``: force the first ``k`` tokens of a (compliant) response start and measure how often the model
+  still refuses in what it generates next, for several ``k``.
+
+Interventions are given as a *factory*: a callable returning a fresh context manager, e.g.
+``lambda: hl.ablate(model, r)`` or ``lambda: hl.ablation_hooks(model, r)`` (``None`` = the unedited model).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..core import compat
+from ..core.capture import auto_batch_size, batched, model_device
+from ..core.generation import eos_token_ids, greedy_decode
+from .metrics import MarkerDetector
+from ..core.capture import encode
+from ..core.prompts import PromptSet, format_chat
+
+Intervention = Callable[[], ContextManager] | None
+
+
+def _context(intervention: Intervention) -> ContextManager:
+    return nullcontext() if intervention is None else intervention()
+
+
+def _teacher_forced_batch(tokenizer, prompt_texts: Sequence[str], response_ids: Sequence[list[int]], device):
+    """Left-padded ``prompt + response`` ids; returns the batch and, per row, the response length ``K_i``."""
+    seqs = [tokenizer.encode(p, add_special_tokens=False) + list(r) for p, r in zip(prompt_texts, response_ids)]
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
+def _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs):
+    prompt_texts = format_chat(tokenizer, prompts, **chat_kwargs)
+    if isinstance(responses, str):
+        responses = [responses] * len(prompt_texts)
+    if len(responses) != len(prompt_texts):
+        raise ValueError(f"{len(responses)} responses for {len(prompt_texts)} prompts; give one per prompt")
+    resp_ids = [tokenizer.encode(r, add_special_tokens=False)[:max_tokens] for r in responses]
+    return prompt_texts, resp_ids, max(1, max(len(r) for r in resp_ids))
+
+
+def _batch_logprobs(model, tokenizer, texts, rids, K):
+    """``logprobs [b, K, vocab]`` at the teacher-forced response positions, ``valid [b, K]``, ``targets [b, K]``."""
+    batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
+    logits = compat.forward(model, batch, last=K + 1)[0].float()  # the last K+1 positions
+    lp = torch.log_softmax(logits, dim=-1).cpu()
+    out = torch.zeros(len(texts), K, lp.shape[-1])
+    valid = torch.zeros(len(texts), K, dtype=torch.bool)
+    targets = torch.zeros(len(texts), K, dtype=torch.long)
+    for i, r in enumerate(rids):
+        k = len(r)
+        if k == 0:
+            continue
+        # The sequence ends with the response (left padding): response token j sits at index T−k+j and is predicted
+        # by the logits at T−k+j−1, which is K−k+j inside the kept window of K+1 positions.
+        out[i, :k] = lp[i, K - k: K]
+        valid[i, :k] = True
+        targets[i, :k] = torch.tensor(r)
+    return out, valid, targets
+
+
+@torch.no_grad()
+def response_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    responses: Sequence[str] | str,
+    *,
+    max_tokens: int = 32,
+    batch_size: int | None = None,
+    **chat_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probs at each teacher-forced response position.
+
+    Returns ``logprobs [n, K, vocab]`` (float32, CPU; position ``k`` predicts response token ``k`` from ``x, y_<k``)
+    and ``valid [n, K]`` (False past the end of a shorter response). ``responses``: one per prompt, or one string for
+    all; truncated to ``max_tokens`` tokens. Memory is ``n·K·vocab`` floats: for long sets use ``per_position_kl`` /
+    ``response_nll``, which reduce batch by batch.
+    """
+    texts, rids, K = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
+    size = batch_size or auto_batch_size(model)
+    parts = [_batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K) for s in range(0, len(texts), size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@torch.no_grad()
+def per_position_kl(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    responses: Sequence[str] | str,
+    intervention: Intervention,
+    *,
+    max_tokens: int = 32,
+    batch_size: int | None = None,
+    baseline: Intervention = None,
+    **chat_kwargs,
+) -> pd.DataFrame:
+    """Safety-depth curve: mean ``KL(orig ‖ edited)`` at each response position ``k`` (teacher-forced).
+
+    ``intervention`` / ``baseline``: factories of context managers (``baseline=None`` is the unedited model); both
+    are entered once per batch. Returns ``(position, kl, kl_std, n)``; ``frame.attrs['per_prompt']`` holds the
+    ``[n, K]`` matrix (NaN past a response's end).
+    """
+    texts, rids, K = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
+    size = batch_size or auto_batch_size(model)
+    kls, valids = [], []
+    for s in range(0, len(texts), size):
+        with _context(baseline):
+            base, valid, _ = _batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K)
+        with _context(intervention):
+            edited, _, _ = _batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K)
+        kls.append((base.exp() * (base - edited)).sum(-1))
+        valids.append(valid)
+    kl, valid = torch.cat(kls), torch.cat(valids)
+    kl = torch.where(valid, kl, torch.full_like(kl, float("nan")))
+    frame = pd.DataFrame({
+        "position": range(kl.shape[1]),
+        "kl": torch.nanmean(kl, 0).numpy(),
+        "kl_std": [float(torch.std(c[~c.isnan()])) if (~c.isnan()).sum() > 1 else float("nan") for c in kl.T],
+        "n": valid.sum(0).numpy(),
+    })
+    frame.attrs["per_prompt"] = kl
+    return frame
+
+
+@torch.no_grad()
+def response_nll(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    responses: Sequence[str] | str,
+    intervention: Intervention = None,
+    *,
+    max_tokens: int = 32,
+    batch_size: int | None = None,
+    **chat_kwargs,
+) -> torch.Tensor:
+    """Mean negative log-likelihood per response token ``[n]`` (teacher-forced cross-entropy) under ``intervention``.
+
+    ``response_nll(..., edit).mean() − response_nll(...).mean()`` is the CE cost of an edit on fixed responses
+    (e.g. the unedited model's own answers to harmless prompts).
+    """
+    texts, rids, K = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
+    size = batch_size or auto_batch_size(model)
+    out = []
+    with _context(intervention):
+        for s in range(0, len(texts), size):
+            lp, valid, targets = _batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K)
+            nll = -lp.gather(-1, targets[..., None])[..., 0] * valid
+            out.append(nll.sum(1) / valid.sum(1).clamp_min(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def prefill_refusal(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    responses: Sequence[str] | str,
+    *,
+    ks: Sequence[int] = (0, 1, 2, 4, 8),
+    intervention: Intervention = None,
+    detector: Callable[[Sequence[str]], list[bool]] | None = None,
+    max_new_tokens: int = 24,
+    batch_size: int | None = None,
+    **chat_kwargs,
+) -> pd.DataFrame:
+    """Refusal rate when the first ``k`` tokens of ``responses`` are forced as the start of the answer.
+
+    ``responses``: a compliant response per prompt (e.g. the ablated model's own answers) or one string for all
+    (e.g. ``"Sure, here is how to do it:"``). The prefix is the decoded first ``k`` tokens, appended after the
+    generation prompt exactly like ``format_chat(..., response_prefix=...)``/``PromptSet.response_prefix``. Only
+    the *continuation* is judged (the forced prefix is compliant by construction). Returns ``(k, refusal_rate, n)``;
+    ``frame.attrs['responses']`` maps ``k`` to the continuations.
+    """
+    detector = detector or MarkerDetector()
+    prompt_list = list(prompts)
+    if isinstance(responses, str):
+        responses = [responses] * len(prompt_list)
+    resp_ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
+    if isinstance(prompts, PromptSet):
+        chat_kwargs.setdefault("system_prompt", prompts.system_prompt)
+    chat_kwargs.pop("response_prefix", None)
+    device = model_device(model)
+    eos = eos_token_ids(model, tokenizer)
+    size = batch_size or auto_batch_size(model)
+    rows, texts_by_k = [], {}
+    with _context(intervention):
+        for k in ks:
+            texts = [format_chat(tokenizer, [p], response_prefix=tokenizer.decode(r[:k]), **chat_kwargs)[0]
+                     for p, r in zip(prompt_list, resp_ids)]
+            outs = []
+            for chunk in batched(texts, size):
+                tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)
+                outs.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+            refused = detector(outs)
+            rows.append({"k": k, "refusal_rate": sum(refused) / len(refused), "n": len(refused)})
+            texts_by_k[k] = outs
+    frame = pd.DataFrame(rows)
+    frame.attrs["responses"] = texts_by_k
+    return frame

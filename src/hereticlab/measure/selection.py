@@ -1,0 +1,403 @@
+"""Arditi et al.'s direction selection: a cheap refusal metric and a scan over (position, layer) candidates.
+
+* ``refusal_metric``: log-odds of the refusal-opening tokens at the last position, no generation:
+  ``P_ref = Σ_{t∈R} p_t``, ``metric = log P_ref − log(1 − P_ref)``.
+* ``score_candidates``: for each candidate ``r`` (mean difference at a post-instruction position and a residual
+  index ``l``): ``bypass`` = mean metric on harmful prompts with ``r̂`` ablated everywhere (``ablation_hooks``),
+  ``induce`` = mean metric on harmless prompts with raw ``r`` added at the input of block ``l``
+  (``activation_addition``), ``kl`` = mean first-token ``KL(base ‖ ablated)`` on harmless prompts.
+* ``choose_candidate``: the lowest ``bypass`` with ``induce > induce_min``, ``kl < kl_max``, ``l < max_layer_frac·L``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..core.architecture import find_layers
+from ..core.capture import capture_residuals
+from ..directions.base import Directions, mean_difference
+from .metrics import first_token_logprobs, kl_from_logprobs
+from ..core.prompts import PromptSet
+from ..interventions.steering import ablation_hooks, activation_addition
+
+REFUSAL_WORDS = ("I", "I'm", "Sorry", "As", "Unfortunately")
+
+
+def refusal_token_ids(tokenizer, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:
+    """Distinct first token ids of ``words`` (how refusals open; a response starts without a leading space)."""
+    ids: list[int] = []
+    for word in words:
+        tokens = tokenizer.encode(word, add_special_tokens=False)
+        if tokens and tokens[0] not in ids:
+            ids.append(tokens[0])
+    if not ids:
+        raise ValueError(f"none of {list(words)} gives a token with this tokenizer; pass other words")
+    return ids
+
+
+def refusal_log_odds(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """``log P_ref − log(1 − P_ref)`` per row of ``logprobs [n, vocab]``, ``P_ref = Σ_{t∈ids} p_t`` (stable)."""
+    lp = logprobs.double()
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=lp.device)
+    log_p = torch.logsumexp(lp[:, ids], dim=-1)
+    rest = lp.index_fill(1, ids, float("-inf"))
+    log_rest = torch.logsumexp(rest, dim=-1)  # log(1 − P) summed directly: no cancellation when P ≈ 1
+    return (log_p - log_rest).float()
+
+
+@torch.no_grad()
+def refusal_metric(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    *,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    **chat_kwargs,
+) -> torch.Tensor:
+    """The cheap refusal metric per prompt ``[n]`` (float32): log-odds of refusal-opening tokens at the first step."""
+    ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
+    logprobs = first_token_logprobs(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **chat_kwargs)
+    return refusal_log_odds(logprobs, ids)
+
+
+def filter_training_prompts(
+    metric_bad: torch.Tensor, metric_good: torch.Tensor, *, threshold: float = 0.0, min_keep: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arditi et al.'s training filter: keep harmful prompts the model refuses (``metric > threshold``) and
+    harmless prompts it answers (``metric < threshold``), judged by the cheap metric of the unedited model.
+
+    Returns boolean masks ``([n_bad], [n_good])``. A side with fewer than ``min_keep`` survivors is kept whole
+    (a weak refuser would otherwise leave too few prompts for a stable mean); check ``mask.all()`` to see it.
+    """
+    keep_bad, keep_good = metric_bad > threshold, metric_good < threshold
+    if int(keep_bad.sum()) < min_keep:
+        keep_bad = torch.ones_like(keep_bad)
+    if int(keep_good.sum()) < min_keep:
+        keep_good = torch.ones_like(keep_good)
+    return keep_bad, keep_good
+
+
+def post_instruction_positions(tokenizer, n: int | None = None) -> list[int]:
+    """Negative positions of the chat-template tokens after the user's text (``<|im_end|>…assistant\\n``).
+
+    Found by rendering a probe message; ``n`` caps how many (the last ones). At least ``[-1]``.
+    """
+    from ..core.prompts import format_chat
+
+    marker = "XQZ"
+    text = format_chat(tokenizer, [marker])[0]
+    tail = text[text.rindex(marker) + len(marker):]
+    count = max(1, len(tokenizer.encode(tail, add_special_tokens=False)))
+    count = count if n is None else min(count, n)
+    return list(range(-count, 0))
+
+
+def candidate_directions(
+    model: nn.Module,
+    tokenizer,
+    harmful: Sequence[str] | PromptSet,
+    harmless: Sequence[str] | PromptSet,
+    *,
+    positions: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[int, Directions]:
+    """Mean-difference directions at each post-instruction ``position`` (default: all of them) → ``{pos: Directions}``."""
+    positions = list(positions) if positions is not None else post_instruction_positions(tokenizer)
+    bad = capture_residuals(model, tokenizer, harmful, positions=positions, batch_size=batch_size, progress=progress)
+    good = capture_residuals(model, tokenizer, harmless, positions=positions, batch_size=batch_size, progress=progress)
+    out = {}
+    for i, pos in enumerate(positions):
+        dirs = mean_difference(bad[:, i], good[:, i])
+        dirs.meta["position"] = pos
+        out[pos] = dirs
+    return out
+
+
+def choose_candidate(
+    frame: pd.DataFrame,
+    *,
+    n_layers: int,
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+) -> int | None:
+    """Index (label) of the row with the lowest ``bypass`` among rows with ``induce > induce_min``, ``kl < kl_max``
+    and ``layer < max_layer_frac · n_layers``; ``None`` when no candidate passes. Pass ``None`` to drop a filter.
+    """
+    ok = pd.Series(True, index=frame.index)
+    if induce_min is not None:
+        ok &= frame["induce"] > induce_min
+    if kl_max is not None:
+        ok &= frame["kl"] < kl_max
+    if max_layer_frac is not None:
+        ok &= frame["layer"] < max_layer_frac * n_layers
+    passing = frame[ok & frame["bypass"].notna()]
+    if passing.empty:
+        return None
+    return passing["bypass"].idxmin()
+
+
+@dataclass
+class Selection:
+    """Result of ``select_direction``: all candidates and the chosen one."""
+
+    frame: pd.DataFrame  # position, layer, bypass, induce, kl, passes, chosen
+    position: int | None
+    layer: int | None
+    direction: torch.Tensor | None  # raw r [d] of the choice
+    directions: dict[int, Directions]
+    baseline: dict = field(default_factory=dict)  # metric on harmful / harmless without intervention
+    filters: dict = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> pd.Series | None:
+        rows = self.frame[self.frame["chosen"]]
+        return None if rows.empty else rows.iloc[0]
+
+    def __repr__(self) -> str:
+        if self.position is None:
+            return f"Selection(no candidate passed {self.filters}; {len(self.frame)} scored)"
+        row = self.chosen
+        return (f"Selection(position={self.position}, layer={self.layer}, bypass={row.bypass:.3f}, "
+                f"induce={row.induce:.3f}, kl={row.kl:.4f}; {len(self.frame)} scored)")
+
+
+@torch.no_grad()
+def score_candidates(
+    model: nn.Module,
+    tokenizer,
+    directions: dict[int, Directions],
+    harmful: Sequence[str] | PromptSet,
+    harmless: Sequence[str] | PromptSet,
+    *,
+    layers: Sequence[int] | None = None,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict]:
+    """Score every ``(position, layer)`` candidate: ``bypass``, ``induce``, ``kl`` (see the module docstring).
+
+    ``layers``: residual indices to try (default all blocks ``0..L-1``; ActAdd at index ``l`` adds at block ``l``'s
+    input, so ``L`` itself is not a candidate). Cost: three forwards of the prompt sets per candidate, so keep the
+    prompt sets small (Arditi et al.: 32) and the candidate set modest on a CPU.
+    Returns the frame and the baseline metrics (no intervention).
+    """
+    from tqdm.auto import tqdm
+
+    n_blocks = len(find_layers(model))
+    layers = list(range(n_blocks)) if layers is None else [l for l in layers if 0 <= l < n_blocks]
+    ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
+    kw = dict(batch_size=batch_size, progress=False)
+    base_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
+    base_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
+    baseline = {"harmful": float(refusal_log_odds(base_harmful, ids).mean()),
+                "harmless": float(refusal_log_odds(base_harmless, ids).mean())}
+    rows = []
+    todo = [(pos, layer) for pos in directions for layer in layers]
+    for pos, layer in tqdm(todo, desc="candidates", disable=not progress, leave=False):
+        r = directions[pos].vectors[layer]
+        with ablation_hooks(model, r):
+            lp_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
+            lp_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
+        with activation_addition(model, r, layer=layer, alpha=1.0):
+            lp_induce = first_token_logprobs(model, tokenizer, harmless, **kw)
+        rows.append({
+            "position": pos, "layer": layer, "norm": float(r.norm()),
+            "bypass": float(refusal_log_odds(lp_harmful, ids).mean()),
+            "induce": float(refusal_log_odds(lp_induce, ids).mean()),
+            "kl": float(kl_from_logprobs(base_harmless, lp_harmless).mean()),
+        })
+    return pd.DataFrame(rows), baseline
+
+
+def select_direction(
+    model: nn.Module,
+    tokenizer,
+    harmful_train: Sequence[str] | PromptSet,
+    harmless_train: Sequence[str] | PromptSet,
+    harmful_val: Sequence[str] | PromptSet,
+    harmless_val: Sequence[str] | PromptSet,
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Selection:
+    """Arditi et al.'s selection: candidates from the train prompts, scored on the validation prompts.
+
+    ``positions``: post-instruction positions (default all, see ``post_instruction_positions``); ``layers``: residual
+    indices (default all blocks). Filters are parameters (``None`` disables one). The frame has every candidate,
+    a ``passes`` column and a ``chosen`` column; ``Selection.position is None`` when nothing passes.
+    """
+    dirs = candidate_directions(model, tokenizer, harmful_train, harmless_train, positions=positions,
+                                batch_size=batch_size, progress=progress)
+    frame, baseline = score_candidates(model, tokenizer, dirs, harmful_val, harmless_val, layers=layers,
+                                       token_ids=token_ids, batch_size=batch_size, progress=progress)
+    n_layers = len(find_layers(model))
+    return selection_from_frame(frame, dirs, n_layers=n_layers, baseline=baseline,
+                                induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac)
+
+
+def selection_from_frame(
+    frame: pd.DataFrame,
+    directions: dict[int, Directions],
+    *,
+    n_layers: int,
+    baseline: dict | None = None,
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+) -> Selection:
+    """Apply the filters to an already scored frame (e.g. to try other thresholds without re-scoring)."""
+    frame = frame.copy()
+    passes = pd.Series(True, index=frame.index)
+    if induce_min is not None:
+        passes &= frame["induce"] > induce_min
+    if kl_max is not None:
+        passes &= frame["kl"] < kl_max
+    if max_layer_frac is not None:
+        passes &= frame["layer"] < max_layer_frac * n_layers
+    frame["passes"] = passes
+    best = choose_candidate(frame, n_layers=n_layers, induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac)
+    frame["chosen"] = frame.index == best if best is not None else False
+    filters = {"induce_min": induce_min, "kl_max": kl_max, "max_layer_frac": max_layer_frac, "n_layers": n_layers}
+    if best is None:
+        return Selection(frame, None, None, None, directions, baseline or {}, filters)
+    pos, layer = int(frame.at[best, "position"]), int(frame.at[best, "layer"])
+    return Selection(frame, pos, layer, directions[pos].vectors[layer].clone(), directions, baseline or {}, filters)
+
+
+def plot_candidates(selection: Selection | pd.DataFrame, *, metrics: Sequence[str] = ("bypass", "induce", "kl"), axes=None):
+    """Heat-maps (position × layer) of the candidate scores, the chosen cell boxed, failing cells hatched.
+
+    Returns the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    frame = selection.frame if isinstance(selection, Selection) else selection
+    if axes is None:
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(min(14, 2 + 0.45 * frame["layer"].nunique()), 1.6 + 1.4 * len(metrics) * max(1, frame["position"].nunique()) / 3), squeeze=False)
+        axes = axes[:, 0]
+    fig = axes[0].figure
+    cmaps = {"bypass": "viridis", "induce": "magma", "kl": "cividis"}
+    for ax, metric in zip(axes, metrics):
+        grid = frame.pivot(index="position", columns="layer", values=metric)
+        im = ax.imshow(grid.values, aspect="auto", cmap=cmaps.get(metric, "viridis"))
+        ax.set_yticks(range(len(grid.index)), [str(p) for p in grid.index])
+        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], fontsize=7)
+        ax.set_ylabel("position")
+        ax.set_title(metric)
+        fig.colorbar(im, ax=ax, fraction=0.025)
+        if "passes" in frame:
+            ok = frame.pivot(index="position", columns="layer", values="passes")
+            for i, pos in enumerate(ok.index):
+                for j, lay in enumerate(ok.columns):
+                    if ok.at[pos, lay] is False or ok.at[pos, lay] == False:  # noqa: E712
+                        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", lw=0, alpha=0.4))
+        if "chosen" in frame and frame["chosen"].any():
+            row = frame[frame["chosen"]].iloc[0]
+            j = list(grid.columns).index(row["layer"])
+            i = list(grid.index).index(row["position"])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    axes[-1].set_xlabel("layer (residual index)")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating a chosen direction (generation-based, with early stopping)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def judge_refusals(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str] | PromptSet,
+    *,
+    max_new_tokens: int = 24,
+    detector=None,
+    batch_size: int | None = None,
+    **chat_kwargs,
+) -> pd.DataFrame:
+    """Greedy generation judged by markers, stopping a row as soon as a marker matches (more tokens cannot undo it).
+
+    Same decisions as ``metrics.refusal_rate`` with a ``MarkerDetector`` (up to the cap), fewer decoding steps.
+    Returns ``(prompt, response, refused)`` with ``attrs['refusal_rate']``.
+    """
+    from ..core.capture import batched, chat_texts, encode, model_device
+    from ..core.generation import eos_token_ids, greedy_decode
+    from .metrics import MarkerDetector
+
+    detector = detector or MarkerDetector()
+    texts = chat_texts(tokenizer, prompts, True, **chat_kwargs)
+    eos = eos_token_ids(model, tokenizer)
+    device = model_device(model)
+    responses = []
+    for chunk in batched(texts, batch_size or 16):
+        stop = (lambda row, toks: detector.matched(tokenizer.decode(toks, skip_special_tokens=True))) if hasattr(detector, "matched") else None
+        tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos, stop=stop)
+        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+    frame = pd.DataFrame({"prompt": list(prompts), "response": responses, "refused": detector(responses)})
+    frame.attrs["refusal_rate"] = float(frame["refused"].mean())
+    return frame
+
+
+@torch.no_grad()
+def evaluate_direction(
+    model: nn.Module,
+    tokenizer,
+    direction: torch.Tensor | None,
+    layer: int,
+    harmful: Sequence[str] | PromptSet,
+    harmless: Sequence[str] | PromptSet,
+    *,
+    baseline_harmless: torch.Tensor | None = None,
+    add: bool = True,
+    max_new_tokens: int = 24,
+    detector=None,
+    batch_size: int | None = None,
+) -> dict:
+    """Refusal effects of one direction (``None`` = the unedited model, a control):
+
+    ``refusal_ablated``: refusal rate on ``harmful`` with ``direction`` (``[d]`` or a basis ``[k, d]``) ablated by
+    hooks at every layer; ``refusal_added``: refusal rate on ``harmless`` with the raw ``[d]`` direction added at
+    block ``layer`` (``add=False`` or a basis skips it: NaN); ``kl``: first-token ``KL(base ‖ ablated)`` on
+    ``harmless``; ``metric_*``: the cheap refusal metric (mean log-odds) in the same two settings.
+    """
+    ids = refusal_token_ids(tokenizer)
+    kw = dict(max_new_tokens=max_new_tokens, detector=detector, batch_size=batch_size)
+    if baseline_harmless is None:
+        baseline_harmless = first_token_logprobs(model, tokenizer, harmless, batch_size=batch_size, progress=False)
+    out = {"norm": float("nan") if direction is None else float(direction.norm())}
+    if direction is None:
+        ablation, addition = nullcontext(), nullcontext()
+    else:
+        ablation = ablation_hooks(model, direction)
+        addition = activation_addition(model, direction, layer=layer) if add and direction.ndim == 1 else None
+    with ablation:
+        out["refusal_ablated"] = judge_refusals(model, tokenizer, harmful, **kw).attrs["refusal_rate"]
+        out["metric_ablated"] = float(refusal_metric(model, tokenizer, harmful, token_ids=ids, batch_size=batch_size).mean())
+        lp = first_token_logprobs(model, tokenizer, harmless, batch_size=batch_size, progress=False)
+        out["kl"] = float(kl_from_logprobs(baseline_harmless, lp).mean())
+    if addition is None:
+        out["refusal_added"] = out["metric_added"] = float("nan")
+    else:
+        with addition:
+            out["refusal_added"] = judge_refusals(model, tokenizer, harmless, **kw).attrs["refusal_rate"]
+            out["metric_added"] = float(refusal_metric(model, tokenizer, harmless, token_ids=ids, batch_size=batch_size).mean())
+    return out

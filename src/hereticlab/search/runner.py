@@ -1,0 +1,415 @@
+"""The main job as a library function: directions → baseline → Optuna search → choice → export → run record.
+
+``run_search(RunConfig(...))`` does what ``hereticlab run`` does; a notebook can call it with its own settings and
+get the study back. Everything expensive is written to the run directory as soon as it exists (directions,
+baseline, each trial in the study storage), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from ..core.capture import capture_residuals
+from ..directions.base import Directions, mean_difference
+from ..interventions.edits import WeightBackup
+from .evaluator import TrialEvaluator, tune_batch_size
+from ..measure.metrics import MarkerDetector, first_token_logprobs, kl_divergence, refusal_rate
+from ..core.models import load_model
+from ..core.prompts import PromptSet, load_prompts
+from .study import (
+    SearchError, SearchSpace, choose_trial, edits_from_params, finished_trials, make_storage, objective_values,
+    open_study, pareto, plot_pareto, requeue_interrupted, trial_params, trials_table,
+)
+
+# Settings that must match for a run directory to be resumed.
+_IDENTITY_KEYS = ("model", "harmful", "harmless", "train_prompts", "search_prompts", "split_seed", "methods",
+                  "system_prompt", "decide_after", "max_new_tokens", "behaviour")
+
+
+@dataclass
+class RunConfig:
+    """Settings of one search run. Prompt counts are per class; the evaluation split is cut into a *search* part
+    (what trials are scored on) and a *test* part (never seen by the search; used for the final report)."""
+
+    model: str = "default"
+    harmful: str = "harmful"
+    harmless: str = "harmless"
+    out: str = "runs/default"
+    storage: str | None = None
+    study_name: str = "hereticlab"
+    trials: int = 30
+    startup_trials: int = 10
+    seed: int = 0
+    split_seed: int = 0
+    train_prompts: int = 200
+    search_prompts: int = 32
+    methods: tuple[str, ...] = ("projected",)
+    norms: tuple[str, ...] = ("none",)
+    system_prompt: str | None = None
+    decide_after: int = 16
+    max_new_tokens: int = 100
+    kl_ceiling: float | None = 1.0
+    kl_floor: float = 0.01
+    kl_max: float = 0.2
+    choose: int | None = None
+    batch_size: int | None = None
+    final_new_tokens: int = 64
+    export: bool = True
+    behaviour: str = "refusal"
+    dtype: str | None = None
+    device: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items() if k in _IDENTITY_KEYS}
+
+
+@dataclass
+class RunResult:
+    study: optuna.Study
+    out: Path
+    chosen: optuna.trial.FrozenTrial | None = None
+    record: dict = field(default_factory=dict)
+
+
+def package_versions() -> dict[str, str]:
+    names = ("hereticlab", "torch", "transformers", "optuna", "peft", "safetensors", "pandas", "numpy")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def prompt_splits(config: RunConfig, behaviour=None) -> dict[str, PromptSet]:
+    """train / search / test sets per class, disjoint and reproducible from ``split_seed``."""
+    if behaviour is not None:
+        bad_train, good_train = behaviour.train_pair(config.split_seed)
+        bad_eval, good_eval = behaviour.eval_pair(config.split_seed)
+    else:
+        chat = {"system_prompt": config.system_prompt} if config.system_prompt else {}
+        bad = load_prompts(config.harmful, **chat)
+        good = load_prompts(config.harmless, **chat)
+        for s in (bad, good):
+            if len(s) < config.train_prompts + 2:
+                raise SearchError(f"{s.name} has {len(s)} prompts; need more than --train-prompts={config.train_prompts} "
+                                  "plus an evaluation part; lower --train-prompts")
+        bad_train, bad_eval = bad.split(train=config.train_prompts, seed=config.split_seed)
+        good_train, good_eval = good.split(train=config.train_prompts, seed=config.split_seed)
+    n = min(config.search_prompts, len(bad_eval) - 1, len(good_eval) - 1)
+    if n < 1:
+        raise SearchError("the evaluation split is too small to hold a search part and a test part; add prompts")
+    return {
+        "bad_train": bad_train, "good_train": good_train,
+        "bad_search": bad_eval[:n], "good_search": good_eval[:n],
+        "bad_test": bad_eval[n:], "good_test": good_eval[n:],
+    }
+
+
+def compute_directions(model, tokenizer, bad: PromptSet, good: PromptSet, methods, batch_size=None) -> dict[str, Directions]:
+    """Residuals of both training sets once, then every requested direction method on them."""
+    res_bad = capture_residuals(model, tokenizer, bad, batch_size=batch_size, system_prompt=bad.system_prompt)
+    res_good = capture_residuals(model, tokenizer, good, batch_size=batch_size, system_prompt=good.system_prompt)
+    out = {}
+    for method in methods:
+        if method in ("mean_difference", "projected"):
+            out[method] = mean_difference(res_bad, res_good, project=method == "projected")
+        else:
+            try:
+                from ..directions.methods import DIRECTION_METHODS  # subspaces, medians, probes, clusters
+            except ImportError as exc:
+                raise SearchError(f"direction method {method!r} needs hereticlab.methods ({exc})") from None
+            name, _, rank = method.partition(":")
+            if name not in DIRECTION_METHODS:
+                raise SearchError(f"unknown direction method {method!r}; known: mean_difference, projected, "
+                                  f"{', '.join(DIRECTION_METHODS)} (append :k for a rank, e.g. svd:2)")
+            out[method] = DIRECTION_METHODS[name](res_bad, res_good, rank=int(rank or 1))
+    return out
+
+
+def _load_or_compute_directions(config, model, tokenizer, splits, out: Path) -> dict[str, Directions]:
+    folder = out / "directions"
+    paths = {m: folder / f"{m.replace(':', '_')}.safetensors" for m in config.methods}
+    if all(p.exists() for p in paths.values()):
+        return {m: Directions.load(p) for m, p in paths.items()}
+    dirs = compute_directions(model, tokenizer, splits["bad_train"], splits["good_train"], config.methods, config.batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    for m, d in dirs.items():
+        tmp = paths[m].with_suffix(f".tmp{os.getpid()}")
+        d.save(tmp)
+        tmp.replace(paths[m])
+    return dirs
+
+
+def _check_run_dir(config: RunConfig, out: Path) -> None:
+    settings = out / "settings.json"
+    if settings.exists():
+        old = json.loads(settings.read_text())
+        diff = {k: (old.get(k), v) for k, v in config.identity().items() if old.get(k) != v}
+        if diff:
+            first = next(iter(diff))
+            raise SearchError(f"{out} holds a run with other settings ({first}: {diff[first][0]!r} there, "
+                              f"{diff[first][1]!r} now); use another --out or the same settings to resume")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(settings, json.dumps(config.identity(), indent=2))
+
+
+class BehaviourDetector:
+    """Adapts a ``Behaviour`` to the evaluator's detector interface (``is_refusal`` = behaviour present).
+
+    ``matched`` (which lets decoding stop early on a final positive decision) exists only when the behaviour says
+    early stopping is safe for it.
+    """
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        if behaviour.early_stop_safe:
+            self.matched = lambda text: behaviour.decided([text])[0]
+
+    def is_refusal(self, text: str) -> bool:
+        return self.behaviour.is_present([text])[0]
+
+    def __call__(self, texts):
+        return self.behaviour.is_present(list(texts))
+
+
+def get_detector(config: RunConfig, behaviour):
+    return MarkerDetector() if behaviour is None else BehaviourDetector(behaviour)
+
+
+def _behaviour(config: RunConfig):
+    if config.behaviour in (None, "refusal"):
+        return None
+    from ..measure.behaviours import get_behaviour
+
+    return get_behaviour(config.behaviour)
+
+
+def make_objective(evaluator: TrialEvaluator, model, directions, space: SearchSpace, kl_floor: float,
+                   extra_scorers: dict[str, Callable] | None = None, measure: Callable[[list[str]], float] | None = None,
+                   worst: float | None = None):
+    """The Optuna objective: sample, edit in place, evaluate with prefix reuse, revert; store details as attrs.
+
+    ``measure``: turns the responses into the first objective instead of counting decisions (a behaviour whose
+    objective is a mean score, e.g. words); a pruned trial then scores ``worst``. The count of responses where the
+    behaviour is present is kept as the ``present`` attribute.
+    """
+
+    def objective(trial: optuna.Trial):
+        params = space.suggest(trial)
+        trial.set_user_attr("params", params)
+        edits = edits_from_params(model, directions, params, space.components)
+        result = evaluator.evaluate_edits(edits)
+        value = result.refusals
+        if measure is not None:
+            trial.set_user_attr("present", result.refusals)
+            value = None if result.pruned else round(float(measure(result.responses)), 4)
+        trial.set_user_attr("kl", result.kl)
+        trial.set_user_attr("refusals", value)
+        trial.set_user_attr("pruned", result.pruned)
+        trial.set_user_attr("seconds", round(result.seconds, 2))
+        trial.set_user_attr("decode_steps", result.decode_steps)
+        for name, scorer in (extra_scorers or {}).items():
+            from ..interventions.edits import apply_edits
+
+            with apply_edits(model, edits, evaluator.backup):
+                trial.set_user_attr(name, float(scorer(model, evaluator.tokenizer)))
+        return objective_values(value, result.kl, n_prompts=result.n_prompts, kl_floor=kl_floor, worst=worst)
+
+    return objective
+
+
+def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSpace | None = None,
+               worker_trials: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
+    """Run (or resume) a search and, unless ``config.export`` is False, choose a trial and export it.
+
+    ``worker_trials``: run exactly this many trials in this process (several workers on one storage); otherwise
+    run until the study holds ``config.trials`` finished trials.
+    """
+    out = Path(config.out)
+    _check_run_dir(config, out)
+    behaviour = _behaviour(config)
+    if model is None:
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    splits = prompt_splits(config, behaviour)
+    storage = make_storage(config.storage, out)
+    # A storage given explicitly (or a fixed trial count) means other workers may share the study: seed per trial.
+    study = open_study(config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials,
+                       shared=config.storage is not None or worker_trials is not None)
+    if config.storage is None:
+        requeued = requeue_interrupted(study)
+        if requeued:
+            log(f"resuming: {requeued} interrupted trial(s) will be run again")
+    done_before = len(finished_trials(study))
+    if done_before:
+        log(f"resuming {out}: {done_before} finished trial(s) kept")
+    t0 = time.perf_counter()
+    directions = _load_or_compute_directions(config, model, tokenizer, splits, out)
+    space = space or SearchSpace(methods=tuple(config.methods), norms=tuple(config.norms))
+    detector = get_detector(config, behaviour)
+    batch = config.batch_size or tune_batch_size(model, tokenizer, splits["bad_search"], candidates=(8, 16, 32, 64))
+    # Each PromptSet carries its own system prompt (behaviours contrast two of them).
+    evaluator = TrialEvaluator(
+        model, tokenizer, splits["bad_search"], splits["good_search"], detector=detector,
+        decide_after=config.decide_after if behaviour is None else behaviour.max_new_tokens,
+        max_new_tokens=config.max_new_tokens if behaviour is None else behaviour.max_new_tokens,
+        kl_ceiling=config.kl_ceiling, batch_size=batch, progress=progress,
+        early_stop=True if behaviour is None else behaviour.early_stop_safe,
+    )
+    baseline = evaluator.baseline()
+    _atomic_write(out / "baseline.json", json.dumps({"refusals": baseline.refusals, "n_prompts": baseline.n_prompts,
+                                                      "seconds": baseline.seconds}, indent=2))
+    counted = "refusals" if behaviour is None else f"responses with {behaviour.name}"
+    log(f"baseline: {baseline.refusals}/{baseline.n_prompts} {counted} on the search prompts "
+        f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})")
+    measure = worst = None
+    if behaviour is not None and behaviour.count == "mean":  # e.g. verbosity: minimize mean words, not a count
+        measure, worst = behaviour.measure, behaviour.measure(baseline.responses)
+        log(f"objective: mean {behaviour.unit.removeprefix('mean ')} per response (baseline {worst:.1f})")
+    objective = make_objective(evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst)
+    todo = worker_trials if worker_trials is not None else max(0, config.trials - len(finished_trials(study)))
+    interrupted = False
+    if todo:
+        bar = tqdm(total=todo, desc="trials", disable=not progress)
+
+        def on_trial(study, trial):
+            bar.update(1)
+            r = trial.user_attrs.get("refusals")
+            bar.set_postfix_str(f"#{trial.number}: refusals={'pruned' if r is None else r} kl={trial.user_attrs.get('kl', float('nan')):.3f}")
+
+        callbacks = [on_trial]
+        if worker_trials is None:
+            callbacks.append(optuna.study.MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE,)))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            study.optimize(objective, n_trials=todo, callbacks=callbacks, catch=())
+        except KeyboardInterrupt:
+            interrupted = True
+            log(f"\nstopped: {len(finished_trials(study))} finished trial(s) are kept in the study; "
+                "run the same command again to resume")
+        finally:
+            bar.close()
+    write_tables(study, out, kl_max=config.kl_max)
+    result = RunResult(study, out)
+    if interrupted or not config.export:
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+    chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
+    result.chosen = chosen
+    # Full-length generation of the final report is decode-bound: a larger batch amortizes each weight read.
+    result.record = finalize(replace(config, batch_size=max(batch, 32)), model, tokenizer, study, chosen, directions, splits,
+                             baseline, detector, out,
+                             log=log, seconds=time.perf_counter() - t0, behaviour=behaviour)
+    write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
+    return result
+
+
+def write_tables(study, out: Path, *, kl_max: float, chosen: int | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    table = trials_table(study)
+    if table.empty:
+        return
+    table.to_csv(out / "trials.csv", index=False)
+    pareto(study).to_csv(out / "pareto.csv", index=False)
+    fig = plot_pareto(study, kl_max=kl_max, chosen=chosen)
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def finalize(config, model, tokenizer, study, chosen, directions, splits, baseline, detector, out: Path, *, log=print,
+             seconds: float = 0.0, behaviour=None) -> dict:
+    """Re-measure the chosen trial on the held-out test prompts, export it, and write ``run.json``."""
+    from ..interventions.edits import apply_edits
+    from ..interventions.export import save_adapter, save_merged
+
+    params = trial_params(chosen)
+    edits = edits_from_params(model, directions, params)
+    chat: dict = {}  # the PromptSets carry their own system prompts
+    new_tokens = config.final_new_tokens if behaviour is None else behaviour.max_new_tokens
+    report = {}
+    if len(splits["bad_test"]) and len(splits["good_test"]):
+        base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], batch_size=config.batch_size, **chat)
+        before = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens,
+                              batch_size=config.batch_size, **chat)
+        with apply_edits(model, edits):
+            after = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens,
+                              batch_size=config.batch_size, **chat)
+            kl = kl_divergence(model, tokenizer, splits["good_test"], baseline=base_lp, batch_size=config.batch_size, **chat)
+        report = {"n_prompts": len(before), "refusals_before": before.attrs["refusals"],
+                  "refusals_after": after.attrs["refusals"], "kl": kl, "max_new_tokens": new_tokens}
+        if behaviour is not None:  # the behaviour's own objective (a count or a mean score) on the test prompts
+            report["measure_before"] = behaviour.measure(list(before["response"]))
+            report["measure_after"] = behaviour.measure(list(after["response"]))
+        examples = before[["prompt"]].assign(response_before=before["response"], refused_before=before["refused"],
+                                             response_after=after["response"], refused_after=after["refused"])
+        examples.to_csv(out / "test_responses.csv", index=False)
+        log(f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {'refusals' if behaviour is None else behaviour.name} "
+            f"{report['refusals_before']} → {report['refusals_after']}; KL on {len(splits['good_test'])} harmless = {kl:.3f}")
+        if behaviour is not None and behaviour.count == "mean":
+            log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
+    hashes, adapter = {}, None
+    if config.export:
+        hashes = save_merged(model, tokenizer, edits, out / "model")
+        try:
+            adapter = str(save_adapter(model, edits, out / "adapter", base_model=config.model))
+        except Exception as exc:  # noqa: BLE001 - an adapter is a convenience; the merged model is the result
+            log(f"adapter export skipped: {exc}")
+    record = {
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "versions": package_versions(),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},
+        "directions": {m: f"directions/{m.replace(':', '_')}.safetensors" for m in directions},
+        "baseline_search": {"refusals": baseline.refusals, "n_prompts": baseline.n_prompts},
+        "chosen_trial": {"number": chosen.number, "params": params, "refusals": chosen.user_attrs.get("refusals"),
+                         "kl": chosen.user_attrs.get("kl")},
+        "test": report,
+        "n_trials": len(finished_trials(study)),
+        "seconds": round(seconds, 1),
+        "model_dir": "model" if hashes else None,
+        "adapter_dir": "adapter" if adapter else None,
+        "weights_sha256": hashes,
+    }
+    _atomic_write(out / "run.json", json.dumps(record, indent=2, default=str))
+    return record
+
+
+def replay(record_path: str | Path, out: str | Path | None = None, *, model=None, tokenizer=None) -> dict[str, str]:
+    """Recreate a run's chosen edit on its base model and save it; returns the weight hashes (compare with run.json)."""
+    from ..interventions.export import save_merged
+
+    record_path = Path(record_path)
+    if not record_path.is_file():
+        raise SearchError(f"{record_path} does not exist; pass the run.json written by 'hereticlab run'")
+    record = json.loads(record_path.read_text())
+    settings = record["settings"]
+    directions = {m: Directions.load(record_path.parent / p) for m, p in record["directions"].items()}
+    if model is None:
+        model, tokenizer = load_model(settings["model"], dtype=settings.get("dtype"), device=settings.get("device"))
+    edits = edits_from_params(model, directions, record["chosen_trial"]["params"])
+    return save_merged(model, tokenizer, edits, Path(out) if out else record_path.parent / "replay")
