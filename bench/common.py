@@ -111,8 +111,19 @@ class ReferenceEvaluator:
     (default ``MarkerDetector``) on the full text. ``close()`` (or leaving a ``with`` block) unwraps the model.
     """
 
-    def __init__(self, model, tok, bad, good, *, writers, batch_size: int, max_new_tokens: int = 100, rank: int = 1,
-                 detector=None):
+    def __init__(
+        self,
+        model,
+        tok,
+        bad,
+        good,
+        *,
+        writers,
+        batch_size: int,
+        max_new_tokens: int = 100,
+        rank: int = 1,
+        detector=None,
+    ):
         from hereticlab.interventions.export import attach_lora, lora_template
 
         self.model, self.tok, self.batch_size, self.max_new_tokens = model, tok, batch_size, max_new_tokens
@@ -142,9 +153,16 @@ class ReferenceEvaluator:
         out = []
         for chunk in batched(self.good, self.batch_size):
             batch = encode(self.tok, chunk, self.device)
-            gen = self.peft.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=1, do_sample=False, output_scores=True, output_hidden_states=True,
-                                     return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
+            gen = self.peft.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=1,
+                do_sample=False,
+                output_scores=True,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+                pad_token_id=self.tok.pad_token_id,
+            )
             out.append(torch.log_softmax(gen.scores[0].float(), -1).cpu())
         return torch.cat(out)
 
@@ -155,10 +173,14 @@ class ReferenceEvaluator:
         decisions, texts = [], []
         for chunk in batched(self.bad, self.batch_size):
             batch = encode(self.tok, chunk, self.device)
-            gen = self.peft.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=self.tok.pad_token_id)
-            new = self.tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = self.peft.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tok.pad_token_id,
+            )
+            new = self.tok.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             texts.extend(new)
             decisions.extend(bool(d) for d in self.detector(new))
         return decisions, texts
@@ -174,8 +196,9 @@ class ReferenceEvaluator:
         return ReferenceResult(time.perf_counter() - t0, float(kl_values.mean()), decisions, texts, kl_values.tolist())
 
 
-def reference_trials(model, tok, bad, good, directions, params, *, batch_size: int, max_new_tokens: int = 100,
-                     detector=None, space=None) -> tuple[float, list[ReferenceResult]]:
+def reference_trials(
+    model, tok, bad, good, directions, params, *, batch_size: int, max_new_tokens: int = 100, detector=None, space=None
+) -> tuple[float, list[ReferenceResult]]:
     """Evaluate every parameter set of ``params`` (see ``parameter_sets``) the reference way, each with exactly its
     edit (``edits_from_params``). Adapters cover every writer of ``space.components``. Returns ``(set-up seconds,
     one ReferenceResult per parameter set)``; the model is unwrapped again afterwards."""
@@ -185,9 +208,17 @@ def reference_trials(model, tok, bad, good, directions, params, *, batch_size: i
     plans = [edits_from_params(model, directions, p) for p in params]
     t0 = time.perf_counter()
     writers = editable_writers(model, space.components)
-    with ReferenceEvaluator(model, tok, bad, good, writers=writers, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, rank=max(plan_rank(p) for p in plans),
-                            detector=detector) as ref:
+    with ReferenceEvaluator(
+        model,
+        tok,
+        bad,
+        good,
+        writers=writers,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        rank=max(plan_rank(p) for p in plans),
+        detector=detector,
+    ) as ref:
         setup_seconds = time.perf_counter() - t0
         results = [ref.evaluate(plan) for plan in plans]
     return setup_seconds, results

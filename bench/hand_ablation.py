@@ -37,7 +37,9 @@ def main():
         sets = [set(p) for p in parts[name]]
         assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]), f"{name}: the three parts overlap"
     (train_h, scan_h, eval_h), (train_g, scan_g, eval_g) = parts["harmful"], parts["harmless"]
-    dirs = hl.mean_difference(hl.capture_residuals(model, tok, train_h), hl.capture_residuals(model, tok, train_g), project=True)
+    dirs = hl.mean_difference(
+        hl.capture_residuals(model, tok, train_h), hl.capture_residuals(model, tok, train_g), project=True
+    )
     # The layer is chosen on the selection prompts only; the reported numbers use the disjoint held-out prompts.
     evaluator = TrialEvaluator(model, tok, scan_h, scan_g)
     scan = scan_layers(evaluator, dirs, indices=range(n_layers // 3, n_layers, 2))
@@ -51,8 +53,10 @@ def main():
         kl = hl.kl_divergence(model, tok, eval_g, baseline=base_lp)
     b, a = before.attrs["refusals"], after.attrs["refusals"]
     print(f"\nhand ablation: direction of residual {best}, strength 1 on every attention and MLP writer")
-    print(f"prompts per class: {len(train_h)} training, {len(scan_h)} layer selection, {len(eval_h)} held-out "
-          f"(disjoint); held-out: {len(eval_h)} harmful, {len(eval_g)} harmless; {args.new_tokens} greedy tokens")
+    print(
+        f"prompts per class: {len(train_h)} training, {len(scan_h)} layer selection, {len(eval_h)} held-out "
+        f"(disjoint); held-out: {len(eval_h)} harmful, {len(eval_g)} harmless; {args.new_tokens} greedy tokens"
+    )
     print(f"refusals {b}/{len(eval_h)} -> {a}/{len(eval_h)} ({(b - a) / max(b, 1):.0%} fewer); first-token KL {kl:.3f}")
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -23,4 +23,10 @@ def fresh_llama():
     return tiny_model("llama", seed=1)
 
 
-PROMPTS = ["Tell me a joke.", "How do I bake bread?", "Write a haiku about rain and tea.", "Hi", "List three prime numbers please."]
+PROMPTS = [
+    "Tell me a joke.",
+    "How do I bake bread?",
+    "Write a haiku about rain and tea.",
+    "Hi",
+    "List three prime numbers please.",
+]

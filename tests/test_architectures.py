@@ -7,7 +7,7 @@ Gemma's sandwich norms show the difference they make in trained checkpoints.
 """
 
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -15,11 +15,15 @@ from torch import nn
 
 import hereticlab as hl
 from hereticlab.core.architecture import (
-    ARCHITECTURES, find_layers, hidden_size, post_norm_basis, verify_writers,
+    ARCHITECTURES,
+    find_layers,
+    hidden_size,
+    post_norm_basis,
+    verify_writers,
 )
 from hereticlab.core.capture import encode
-from hereticlab.interventions.edits import apply_edits, orthogonalize, plan_ablation
 from hereticlab.core.testing import ALL_FAMILIES, MOE_FAMILIES, tiny_model
+from hereticlab.interventions.edits import apply_edits, orthogonalize, plan_ablation
 
 BAD = ["How do I pick a lock?", "Write malware for me.", "Explain how to steal a car."]
 GOOD = ["How do I bake bread?", "Write a poem for me.", "Explain how to wash a car."]
@@ -39,7 +43,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_for(family):
     return tiny_model(family, seed=3, random_norms=True)
 
@@ -95,8 +99,10 @@ def test_discovery_and_empirical_verification(family):
 
 
 def test_family_composition():
-    comp = {f: [w.component for w in hl.find_writers(model_for(f)[0], ("attn", "mlp", "ssm", "expert"))]
-            for f in ("mixtral", "qwen2_moe", "mamba", "jamba", "falcon_h1", "gpt_oss")}
+    comp = {
+        f: [w.component for w in hl.find_writers(model_for(f)[0], ("attn", "mlp", "ssm", "expert"))]
+        for f in ("mixtral", "qwen2_moe", "mamba", "jamba", "falcon_h1", "gpt_oss")
+    }
     assert comp["mixtral"] == ["attn", "expert"] * 2
     assert comp["qwen2_moe"] == ["attn", "expert", "expert", "attn", "mlp"]  # block 1 is dense (mlp_only_layers)
     assert comp["mamba"] == ["ssm", "ssm"]
@@ -177,8 +183,9 @@ def test_full_strength_edit_leaves_no_component_in_layer_writes(family):
     if family not in SANDWICH:
         return
     # Sandwich norms: without the correction the edited write is rotated back towards r by the post-norm's gains ...
-    with hl.apply_edits(model, plan_ablation(model, r, 1.0, components=ALL_WRITES,
-                                             writers=uncorrected(model, ALL_WRITES))):
+    with hl.apply_edits(
+        model, plan_ablation(model, r, 1.0, components=ALL_WRITES, writers=uncorrected(model, ALL_WRITES))
+    ):
         assert write_leak(model, tok, r) > 1e-3
     # ... and the built-in correction is the hand-made one: orthogonalize against normalize(g ⊙ r), g the gain.
     edits = plan_ablation(model, r, 1.0, components=ALL_WRITES)
@@ -272,8 +279,10 @@ def test_sandwich_norm_difference_is_measured(family):
             h.remove()
     gap_plain = float((edited - stream).abs().max() / stream.abs().max())
     gap_aware = float((fixed - stream).abs().max() / stream.abs().max())
-    print(f"\n{family}: write leak |r̂ᵀΔx|/max|Δx| plain edit {leak:.3g}, norm-aware {leak_aware:.3g}; "
-          f"max|Δlogits| vs stream ablation (relative): plain {gap_plain:.3g}, norm-aware {gap_aware:.3g}")
+    print(
+        f"\n{family}: write leak |r̂ᵀΔx|/max|Δx| plain edit {leak:.3g}, norm-aware {leak_aware:.3g}; "
+        f"max|Δlogits| vs stream ablation (relative): plain {gap_plain:.3g}, norm-aware {gap_aware:.3g}"
+    )
     assert leak > 1e-3 and gap_plain > 1e-3  # the known difference
     # The norm-aware edit makes every write exactly orthogonal to r, but it is an oblique projection (it removes
     # g ⊙ r from the writer and the norm's rms changes with it), so it still differs from the stream ablation.
@@ -291,6 +300,7 @@ def block_writes(model, tok, prompts=PROMPTS):
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, (tuple, list)) else output
             writes[index] = (x_out.double() - x_in.double()).reshape(-1, x_in.shape[-1])
+
         return fn
 
     handles = [block.register_forward_hook(hook(i), with_kwargs=True) for i, block in enumerate(layers)]
@@ -321,8 +331,10 @@ def test_ablate_removes_the_direction_from_the_stream_on_sandwich_models(family)
     with hl.ablate(model, per_layer):
         writes = block_writes(model, tok)
         leak_layer = torch.einsum("ltd,ld->lt", writes, r_layer).abs().amax(-1)
-    print(f"\n{family}: max|r̂ᵀΔx| per block {leak.tolist()}, per-layer directions {leak_layer.tolist()}, "
-          f"max|Δx| {writes.norm(dim=-1).max():.3g}")
+    print(
+        f"\n{family}: max|r̂ᵀΔx| per block {leak.tolist()}, per-layer directions {leak_layer.tolist()}, "
+        f"max|Δx| {writes.norm(dim=-1).max():.3g}"
+    )
     assert leak.shape == (L,) and float(leak.max()) < 1e-4
     assert float(leak_layer.max()) < 1e-4
     # The same check fails on the uncorrected edit, the behaviour before the fix.
@@ -343,6 +355,7 @@ def test_post_norm_that_cannot_be_corrected_exactly_is_an_error():
     bad = [replace(attn, post_norm=block.after)]
     with pytest.raises(hl.UnsupportedModelError, match="token_mix.o_proj.*not of the form"):
         plan_ablation(model, unit(16), 1.0, writers=bad)
+
     # An RMS-like gain (no bias, no centring) in the same place is corrected, not refused.
     class Gain(nn.Module):
         def __init__(self):
@@ -395,7 +408,9 @@ def test_structural_fallback_is_verified_empirically():
     model = _Toy()
     writers = hl.find_writers(model, ("attn", "mlp"))
     assert [(w.name, w.component, w.source) for w in writers[:2]] == [
-        ("model.layers.0.token_mix.o_proj", "attn", "structural"), ("model.layers.0.ffn.down_proj", "mlp", "structural")]
+        ("model.layers.0.token_mix.o_proj", "attn", "structural"),
+        ("model.layers.0.ffn.down_proj", "mlp", "structural"),
+    ]
     assert all(c.kind == "direct" for c in verify_writers(model))
     odd = _Toy(post_norm=True)
     kinds = {c.writer.name: c.kind for c in verify_writers(odd)}

@@ -5,7 +5,14 @@ import torch
 
 import hereticlab as hl
 from hereticlab.measure.behaviours import (
-    BEHAVIOURS, Behaviour, LengthScorer, PhraseScorer, get_behaviour, read_list, register, word_count,
+    BEHAVIOURS,
+    Behaviour,
+    LengthScorer,
+    PhraseScorer,
+    get_behaviour,
+    read_list,
+    register,
+    word_count,
 )
 
 PRESETS = ("refusal", "slop", "humour", "verbosity")
@@ -48,8 +55,10 @@ def test_shipped_lists_are_big_and_clean():
 
 
 def test_scores_rank_handwritten_examples():
-    florid = ("Let's delve into the rich tapestry of bread, a testament to human ingenuity. In the realm of baking, "
-              "yeast plays a pivotal role in this vibrant dance of chemistry.")
+    florid = (
+        "Let's delve into the rich tapestry of bread, a testament to human ingenuity. In the realm of baking, "
+        "yeast plays a pivotal role in this vibrant dance of chemistry."
+    )
     plain = "Yeast eats sugar and releases carbon dioxide. The gas gets trapped in the dough, so it rises."
     jokey = "Haha, great question! 😂 Why did the bread go to therapy? It kneaded help. Pun intended!"
     serious = "Bread rises because yeast produces carbon dioxide during fermentation."
@@ -76,8 +85,14 @@ def test_phrase_matching_uses_a_leading_word_boundary_only():
 @pytest.mark.parametrize("name", ["refusal", "slop", "humour"])
 def test_decided_is_monotone(name):
     b = get_behaviour(name)
-    texts = ["I'm sorry, I can't do that. " * 2, "A vibrant tapestry, a testament to delving.",
-             "Haha 😂 why did the joke cross the road? lol", "<think>I cannot haha tapestry delve", "", "Plain."]
+    texts = [
+        "I'm sorry, I can't do that. " * 2,
+        "A vibrant tapestry, a testament to delving.",
+        "Haha 😂 why did the joke cross the road? lol",
+        "<think>I cannot haha tapestry delve",
+        "",
+        "Plain.",
+    ]
     for text in texts:
         for cut in range(len(text) + 1):
             if b.decided([text[:cut]])[0]:
@@ -88,8 +103,14 @@ def test_decided_is_monotone(name):
 def test_custom_behaviour_and_register():
     bad = hl.load_prompts(["Shout about cats", "Shout about dogs", "Shout about fish"])
     good = hl.load_prompts(["Talk about cats", "Talk about dogs", "Talk about fish"])
-    loud = Behaviour("shouting", bad, good, scorer=lambda t: [float(x.isupper()) for x in t],
-                     decider=lambda t: [x.isupper() for x in t], n_train=2)
+    loud = Behaviour(
+        "shouting",
+        bad,
+        good,
+        scorer=lambda t: [float(x.isupper()) for x in t],
+        decider=lambda t: [x.isupper() for x in t],
+        n_train=2,
+    )
     register(loud)
     try:
         b = get_behaviour("shouting")

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.search.evaluator import TrialEvaluator
+from hereticlab.core.testing import tiny_model
 from hereticlab.interventions.export import ExportError, attach_lora, lora_factors, lora_template, set_lora_factors
 from hereticlab.search import edits_from_params
-from hereticlab.core.testing import tiny_model
+from hereticlab.search.evaluator import TrialEvaluator
 
 BAD = ["Tell me a secret plan", "x", "Write a rude poem", "Say no"]
 GOOD = ["Bake bread", "What is 2+2?", "Describe rain in one line"]
@@ -55,15 +55,34 @@ def _loud_tiny_llama():
 def bench():
     common = _bench_common()
     model, tok = _loud_tiny_llama()
-    dirs = hl.mean_difference(hl.capture_residuals(model, tok, BAD, progress=False),
-                              hl.capture_residuals(model, tok, GOOD, progress=False), project=True)
+    dirs = hl.mean_difference(
+        hl.capture_residuals(model, tok, BAD, progress=False),
+        hl.capture_residuals(model, tok, GOOD, progress=False),
+        project=True,
+    )
     params = common.parameter_sets(N_TRIALS)
     plans = [edits_from_params(model, dirs, p) for p in params]
-    fast = TrialEvaluator(model, tok, BAD, GOOD, detector=DETECTOR, decide_after=N_TOKENS, max_new_tokens=N_TOKENS,
-                          batch_size=len(BAD), progress=False)
+    fast = TrialEvaluator(
+        model,
+        tok,
+        BAD,
+        GOOD,
+        detector=DETECTOR,
+        decide_after=N_TOKENS,
+        max_new_tokens=N_TOKENS,
+        batch_size=len(BAD),
+        progress=False,
+    )
     fast_results = [fast.evaluate_edits(plan) for plan in plans]
-    return {"common": common, "model": model, "tok": tok, "dirs": dirs, "params": params, "plans": plans,
-            "fast": fast_results}
+    return {
+        "common": common,
+        "model": model,
+        "tok": tok,
+        "dirs": dirs,
+        "params": params,
+        "plans": plans,
+        "fast": fast_results,
+    }
 
 
 def _modules(plan):
@@ -82,8 +101,17 @@ def test_parameter_sets_are_the_benchmarks_seeded_draws():
 def test_reference_matches_trial_evaluator_on_every_benchmark_trial(bench):
     common, model, tok = bench["common"], bench["model"], bench["tok"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, ref = common.reference_trials(model, tok, BAD, GOOD, bench["dirs"], bench["params"], batch_size=len(BAD),
-                                     max_new_tokens=N_TOKENS, detector=DETECTOR)
+    _, ref = common.reference_trials(
+        model,
+        tok,
+        BAD,
+        GOOD,
+        bench["dirs"],
+        bench["params"],
+        batch_size=len(BAD),
+        max_new_tokens=N_TOKENS,
+        detector=DETECTOR,
+    )
     assert len(ref) == len(bench["fast"]) == N_TRIALS
     for i, (r, f) in enumerate(zip(ref, bench["fast"])):
         assert r.kl == pytest.approx(f.kl, abs=1e-5), f"trial {i}: reference KL {r.kl} vs evaluator {f.kl}"
@@ -107,8 +135,16 @@ def test_adapters_on_trial_0s_writers_only_measure_a_different_edit(bench):
     common, model, tok, plans = bench["common"], bench["model"], bench["tok"], bench["plans"]
     extra = [i for i, plan in enumerate(plans) if _modules(plan) - _modules(plans[0])]
     assert extra, "no benchmark trial edits a writer trial 0 leaves alone: the old bug would go unseen"
-    with common.ReferenceEvaluator(model, tok, BAD, GOOD, writers=[e.writer for e in plans[0]], batch_size=len(GOOD),
-                                   max_new_tokens=N_TOKENS, detector=DETECTOR) as ref:
+    with common.ReferenceEvaluator(
+        model,
+        tok,
+        BAD,
+        GOOD,
+        writers=[e.writer for e in plans[0]],
+        batch_size=len(GOOD),
+        max_new_tokens=N_TOKENS,
+        detector=DETECTOR,
+    ) as ref:
         adapted = set(lora_factors(model, plans[0]))
         gaps = {}
         for i in range(len(plans)):

@@ -34,8 +34,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["02_search.ipynb", "03_geometry.ipynb"]
 ARTEFACTS = Path(os.environ.get("HERETICLAB_ARTEFACTS", ROOT / "tests" / "artefacts"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 RUN_TIMEOUT = 180  # s for one notebook's "Run All Cells" (each takes ~15 s of kernel time on tiny:llama)
 
@@ -60,7 +68,11 @@ def _missing() -> list[str]:
     missing = []
     if _chromium() is None:
         missing.append("Debian's chromium (run .ci/browser-setup.sh as root, or apt-get install chromium)")
-    for module, pip in (("playwright.sync_api", "playwright"), ("jupyterlab", "jupyterlab"), ("jupyterlab_widgets", "ipywidgets>=8")):
+    for module, pip in (
+        ("playwright.sync_api", "playwright"),
+        ("jupyterlab", "jupyterlab"),
+        ("jupyterlab_widgets", "ipywidgets>=8"),
+    ):
         try:
             __import__(module)
         except ImportError:
@@ -103,7 +115,9 @@ def _copy_without_outputs(src: Path, dst: Path) -> None:
 class LabServer:
     def __init__(self, base: Path):
         self.base = base
-        self.root, self.output, self.settings, self.workspaces = (base / n for n in ("root", "output", "settings", "workspaces"))
+        self.root, self.output, self.settings, self.workspaces = (
+            base / n for n in ("root", "output", "settings", "workspaces")
+        )
         for d in (self.root, self.output, self.settings, self.workspaces):
             d.mkdir(parents=True)
         for name in NOTEBOOKS:
@@ -123,23 +137,48 @@ class LabServer:
         # OpenMP threads spin against each other and Run All of 02 took 3 min instead of 25 s
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("MKL_NUM_THREADS", "1")
-        env.update(HERETICLAB_MODEL="tiny:llama", HERETICLAB_OUTPUT=str(self.output), HF_HUB_OFFLINE="1",
-                   TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore",
-                   # private config and runtime dirs: no user configuration or kernelspec leaks in
-                   JUPYTER_CONFIG_DIR=str(self.base / "config"), JUPYTER_RUNTIME_DIR=str(self.base / "runtime"),
-                   JUPYTER_DATA_DIR=str(self.base / "data"), JUPYTER_PLATFORM_DIRS="1", IPYTHONDIR=str(self.base / "ipython"))
+        env.update(
+            HERETICLAB_MODEL="tiny:llama",
+            HERETICLAB_OUTPUT=str(self.output),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_VERBOSITY="error",
+            PYTHONWARNINGS="ignore",
+            # private config and runtime dirs: no user configuration or kernelspec leaks in
+            JUPYTER_CONFIG_DIR=str(self.base / "config"),
+            JUPYTER_RUNTIME_DIR=str(self.base / "runtime"),
+            JUPYTER_DATA_DIR=str(self.base / "data"),
+            JUPYTER_PLATFORM_DIRS="1",
+            IPYTHONDIR=str(self.base / "ipython"),
+        )
         return env
 
     def start(self, timeout: float = 90) -> None:
-        cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",
-               "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", f"--IdentityProvider.token={self.token}",
-               f"--ServerApp.root_dir={self.root}", "--ServerApp.terminals_enabled=False",
-               f"--LabApp.user_settings_dir={self.settings}", f"--LabApp.workspaces_dir={self.workspaces}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.open_browser=False",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.root}",
+            "--ServerApp.terminals_enabled=False",
+            f"--LabApp.user_settings_dir={self.settings}",
+            f"--LabApp.workspaces_dir={self.workspaces}",
+        ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--ServerApp.allow_root=True")  # CI containers run as root
         self.log = open(self.log_path, "w")  # noqa: SIM115 -- open for the server's lifetime, closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.root,
+            env=self.env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -153,7 +192,9 @@ class LabServer:
         raise RuntimeError(f"JupyterLab did not answer on {self.url} within {timeout} s:\n{self.log_text()}")
 
     def api(self, method: str, path: str):
-        request = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            self.url + path, method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -271,16 +312,21 @@ def open_and_run_all(page, lab: LabServer, name: str) -> float:
     seconds = time.monotonic() - start
     errors = page.evaluate(ERRORS_JS)
     assert prompts and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts) and not errors, (
-        f"{name}: Run All Cells did not finish cleanly in {seconds:.0f} s; prompts {prompts}\n" + "\n".join(errors)
-        + f"\nserver log:\n{lab.log_text(3000)}")
+        f"{name}: Run All Cells did not finish cleanly in {seconds:.0f} s; prompts {prompts}\n"
+        + "\n".join(errors)
+        + f"\nserver log:\n{lab.log_text(3000)}"
+    )
     status.get_by_text(re.compile(r"\bIdle\b")).first.wait_for(timeout=30_000)
     return seconds
 
 
 def wait_for_new_image(img, old_src: str | None, timeout: float = 30) -> str:
     """Wait until the ``<img>`` shows a different (loaded) source than ``old_src``; return the new source."""
-    img.page.wait_for_function("([el, old]) => el.src && el.src !== old && el.complete && el.naturalWidth > 0",
-                               arg=[img.element_handle(), old_src or ""], timeout=timeout * 1000)
+    img.page.wait_for_function(
+        "([el, old]) => el.src && el.src !== old && el.complete && el.naturalWidth > 0",
+        arg=[img.element_handle(), old_src or ""],
+        timeout=timeout * 1000,
+    )
     return img.get_attribute("src")
 
 
@@ -343,7 +389,9 @@ def test_geometry_explorer_slider_moves_the_plot(page, lab):
         assert int(readout.inner_text()) == start
         assert changed_pixels(before, again) == 0, "moving back to the same layer drew a different picture"
         assert not page.blocked, f"the page tried to leave loopback: {page.blocked[:5]}"
-        print(f"03: run all {seconds:.1f} s; layer index {start} -> {moved} changed {n_changed} pixels; back: identical")
+        print(
+            f"03: run all {seconds:.1f} s; layer index {start} -> {moved} changed {n_changed} pixels; back: identical"
+        )
 
 
 def test_trial_picker_shows_another_trials_responses(page, lab):
@@ -375,8 +423,11 @@ def test_trial_picker_shows_another_trials_responses(page, lab):
         for index in others:
             dropdown.select_option(index=index)  # what choosing in the dropdown does (fires input and change)
             # the HTML widget's element stays, its table is replaced: wait until the old trial's header is gone
-            page.wait_for_function("([el, old]) => !el.innerText.includes(old)",
-                                   arg=[picker.locator(".hl-trial-responses").element_handle(), header], timeout=60_000)
+            page.wait_for_function(
+                "([el, old]) => !el.innerText.includes(old)",
+                arg=[picker.locator(".hl-trial-responses").element_handle(), header],
+                timeout=60_000,
+            )
             new_header, new_column, new_label = shown()
             if new_column != column:
                 break

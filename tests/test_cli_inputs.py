@@ -24,8 +24,24 @@ import pytest
 
 # Every run case starts from these arguments (later ones override: argparse keeps the last value), so that a
 # validation bug can at worst start a small run on a tiny random model in a temporary folder.
-RUN = ["run", "--model", "tiny:llama", "--out", "{d}/new-run", "--train-prompts", "12", "--search-prompts", "4",
-       "--trials", "1", "--batch-size", "8", "--decide-after", "4", "--no-export"]
+RUN = [
+    "run",
+    "--model",
+    "tiny:llama",
+    "--out",
+    "{d}/new-run",
+    "--train-prompts",
+    "12",
+    "--search-prompts",
+    "4",
+    "--trials",
+    "1",
+    "--batch-size",
+    "8",
+    "--decide-after",
+    "4",
+    "--no-export",
+]
 
 # (id, arguments, exit code, keyword that must appear in the error line). ``{d}`` is the folder made by
 # ``make_inputs``; ``{closed}`` a local port nobody listens on; ``{silent}`` a local port that accepts and never answers.
@@ -43,7 +59,12 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("kl-max-nan", [*RUN, "--kl-max", "nan"], 2, "finite"),
     ("seed-negative", [*RUN, "--seed", "-1"], 2, "--seed"),
     ("behaviour-unknown", [*RUN, "--behaviour", "rudeness"], 2, "unknown behaviour 'rudeness'"),
-    ("behaviour-ignores-harmful", [*RUN, "--behaviour", "slop", "--harmful", "{d}/few.txt"], 2, "not used with --behaviour"),
+    (
+        "behaviour-ignores-harmful",
+        [*RUN, "--behaviour", "slop", "--harmful", "{d}/few.txt"],
+        2,
+        "not used with --behaviour",
+    ),
     ("methods-unknown", [*RUN, "--methods", "projected,pca"], 2, "unknown direction method 'pca'"),
     ("methods-bad-rank", [*RUN, "--methods", "projected:2"], 2, "one direction per layer"),
     ("methods-rank-not-int", [*RUN, "--methods", "svd:x"], 2, "not a positive integer"),
@@ -69,9 +90,24 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("storage-unknown-scheme", [*RUN, "--storage", "nosuchdb://x"], 2, "unknown scheme 'nosuchdb'"),
     ("storage-not-a-url", [*RUN, "--storage", "study.db"], 2, "not a URL"),
     ("storage-in-memory", [*RUN, "--storage", "sqlite://"], 2, "in-memory"),
-    ("storage-sqlite-missing-dir", [*RUN, "--storage", "sqlite:///no/such/dir/study.db"], 2, "no/such/dir does not exist"),
-    ("storage-postgres-refused", [*RUN, "--storage", "postgresql://user@127.0.0.1:{closed}/optuna"], 1, "cannot reach the PostgreSQL server"),
-    ("storage-postgres-silent", [*RUN, "--storage", "postgresql://user@127.0.0.1:{silent}/optuna"], 1, "no protocol answer within 2 s"),
+    (
+        "storage-sqlite-missing-dir",
+        [*RUN, "--storage", "sqlite:///no/such/dir/study.db"],
+        2,
+        "no/such/dir does not exist",
+    ),
+    (
+        "storage-postgres-refused",
+        [*RUN, "--storage", "postgresql://user@127.0.0.1:{closed}/optuna"],
+        1,
+        "cannot reach the PostgreSQL server",
+    ),
+    (
+        "storage-postgres-silent",
+        [*RUN, "--storage", "postgresql://user@127.0.0.1:{silent}/optuna"],
+        1,
+        "no protocol answer within 2 s",
+    ),
     ("no-command", [], 2, "required: command"),
     ("unknown-command", ["rnu"], 2, "invalid choice: 'rnu'"),
     ("replay-missing", ["replay", "{d}/nowhere/run.json"], 2, "does not exist"),
@@ -81,13 +117,27 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("replay-out-is-a-file", ["replay", "{d}/run/run.json", "--out", "{d}/afile"], 2, "is an existing file"),
     ("evaluate-missing-model", ["evaluate", "{d}/runs/default/model"], 2, "no model folder"),
     ("evaluate-not-a-model", ["evaluate", "{d}/run/directions"], 2, "no config.json"),
-    ("evaluate-limit-zero", ["evaluate", "{d}/run/model", "--baseline", "tiny:llama", "--limit", "0"], 2, "--limit must be at least 1"),
-    ("evaluate-train-all", ["evaluate", "{d}/run/model", "--baseline", "tiny:llama", "--train-prompts", "300"], 2,
-     "leaves no evaluation prompts"),
+    (
+        "evaluate-limit-zero",
+        ["evaluate", "{d}/run/model", "--baseline", "tiny:llama", "--limit", "0"],
+        2,
+        "--limit must be at least 1",
+    ),
+    (
+        "evaluate-train-all",
+        ["evaluate", "{d}/run/model", "--baseline", "tiny:llama", "--train-prompts", "300"],
+        2,
+        "leaves no evaluation prompts",
+    ),
 ]
 # Run again as real subprocesses (what a user sees, import time included).
-SUBPROCESS_CASES = ("trials-not-a-number", "harmful-not-utf8", "storage-postgres-refused", "replay-truncated",
-                    "evaluate-missing-model")
+SUBPROCESS_CASES = (
+    "trials-not-a-number",
+    "harmful-not-utf8",
+    "storage-postgres-refused",
+    "replay-truncated",
+    "evaluate-missing-model",
+)
 IN_PROCESS_LIMIT_S = 10.0  # validation alone; the slowest case waits 2 s for a silent database server
 # A subprocess also imports hereticlab (torch, transformers, optuna: ~4-5 s on the 2-core CI machine, more when
 # it is busy); loading even the tiny model and running one trial would take longer than this.
@@ -123,16 +173,29 @@ def make_run_dir(path: Path) -> Path:
     (path / "baseline.json").write_text(json.dumps({"refusals": 3, "n_prompts": 4, "seconds": 1.0}))
     (path / "trials.csv").write_text("trial,refusals,kl\n0,1,0.05\n")
     (path / "directions").mkdir()
-    Directions(torch.randn(5, 64, generator=torch.Generator().manual_seed(0))).save(path / "directions" / "projected.safetensors")
+    Directions(torch.randn(5, 64, generator=torch.Generator().manual_seed(0))).save(
+        path / "directions" / "projected.safetensors"
+    )
     (path / "model").mkdir()
     (path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({"w": torch.zeros(2, 2)}, str(path / "model" / "model.safetensors"))
-    params = {"method": "projected", "norm": "none", "kernel": "tent", "scope": "global", "direction_index": 0.5,
-              "attn.max_weight": 1.0, "attn.peak_position": 0.8, "attn.min_weight_fraction": 0.1, "attn.reach": 0.3}
-    record = {"settings": {"model": "tiny:llama", "dtype": None, "device": None},
-              "directions": {"projected": "directions/projected.safetensors"},
-              "chosen_trial": {"number": 0, "params": params, "refusals": 1, "kl": 0.05},
-              "weights_sha256": {"model.safetensors": "0" * 64}}
+    params = {
+        "method": "projected",
+        "norm": "none",
+        "kernel": "tent",
+        "scope": "global",
+        "direction_index": 0.5,
+        "attn.max_weight": 1.0,
+        "attn.peak_position": 0.8,
+        "attn.min_weight_fraction": 0.1,
+        "attn.reach": 0.3,
+    }
+    record = {
+        "settings": {"model": "tiny:llama", "dtype": None, "device": None},
+        "directions": {"projected": "directions/projected.safetensors"},
+        "chosen_trial": {"number": 0, "params": params, "refusals": 1, "kl": 0.05},
+        "weights_sha256": {"model.safetensors": "0" * 64},
+    }
     (path / "run.json").write_text(json.dumps(record, indent=2))
     return path
 
@@ -246,7 +309,9 @@ def test_the_table_is_big_and_unique():
 
 
 @pytest.mark.parametrize("case_id,args,code,keyword", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_before_any_model_load(inputs, no_model_load, monkeypatch, capsys, case_id, args, code, keyword):
+def test_bad_input_gives_one_line_before_any_model_load(
+    inputs, no_model_load, monkeypatch, capsys, case_id, args, code, keyword
+):
     from hereticlab.search import cli
 
     if skip_reason(case_id):
@@ -270,8 +335,14 @@ def test_bad_input_in_a_real_subprocess(inputs, case_id):
     d, values = inputs
     _, args, code, keyword = next(c for c in CASES if c[0] == case_id)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hereticlab.search.cli", *render(args, values)], cwd=d, capture_output=True, check=False,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hereticlab.search.cli", *render(args, values)],
+        cwd=d,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
     seconds = time.perf_counter() - t0
     check_error_line(proc.stderr, keyword)
     assert proc.returncode == code, proc.stderr
@@ -286,8 +357,22 @@ def test_rejected_commands_leave_an_existing_run_byte_identical(tmp_path, no_mod
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad\n")
     monkeypatch.chdir(tmp_path)
     before = snapshot(run)
-    base = ["run", "--model", "tiny:llama", "--out", str(run), "--train-prompts", "12", "--search-prompts", "4",
-            "--decide-after", "4", "--trials", "5", "--no-export"]
+    base = [
+        "run",
+        "--model",
+        "tiny:llama",
+        "--out",
+        str(run),
+        "--train-prompts",
+        "12",
+        "--search-prompts",
+        "4",
+        "--decide-after",
+        "4",
+        "--trials",
+        "5",
+        "--no-export",
+    ]
     rejected = [
         [*base, "--trials", "0"],
         [*base, "--kl-max", "-1"],
@@ -303,8 +388,14 @@ def test_rejected_commands_leave_an_existing_run_byte_identical(tmp_path, no_mod
     for argv in rejected:
         assert cli.main(argv) in (1, 2), argv
         check_error_line(capsys.readouterr().err, "")
-    proc = subprocess.run([sys.executable, "-m", "hereticlab.search.cli", *base, "--batch-size", "0"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hereticlab.search.cli", *base, "--batch-size", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     check_error_line(proc.stderr, "--batch-size")
     assert snapshot(run) == before
@@ -323,12 +414,35 @@ def test_valid_arguments_pass_validation(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     run = make_run_dir(tmp_path / "run")
-    args = build_parser().parse_args(["run", "--model", "tiny:llama", "--out", str(tmp_path / "new"),
-                                      "--methods", "projected, svd:2,projected", "--norms", "none,row",
-                                      "--behaviour", "Refusals", "--kl-ceiling", "-1", "--dtype", "float32",
-                                      "--device", "cpu", "--storage", "sqlite:///study.db"])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--model",
+            "tiny:llama",
+            "--out",
+            str(tmp_path / "new"),
+            "--methods",
+            "projected, svd:2,projected",
+            "--norms",
+            "none,row",
+            "--behaviour",
+            "Refusals",
+            "--kl-ceiling",
+            "-1",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--storage",
+            "sqlite:///study.db",
+        ]
+    )
     checked = validate_run(args)
-    assert checked.methods == ("projected", "svd:2") and checked.norms == ("none", "row") and checked.behaviour == "refusal"
+    assert (
+        checked.methods == ("projected", "svd:2")
+        and checked.norms == ("none", "row")
+        and checked.behaviour == "refusal"
+    )
     for storage in ("runs/x/study.journal", "sqlite:///" + str(tmp_path / "s.db")):
         check_storage(storage)
     assert validate_replay(build_parser().parse_args(["replay", str(run / "run.json")]))["chosen_trial"]["number"] == 0

@@ -1,12 +1,10 @@
 """Conceptors: construction, Boolean algebra, steering hook."""
 
-import pytest
 import torch
+from conftest import PROMPTS
 
 import hereticlab as hl
 from hereticlab.interventions import conceptors as cp
-
-from conftest import PROMPTS
 
 
 def logits(model, tok):
@@ -26,7 +24,7 @@ def test_conceptor_formula_and_eigenvalue_range():
     X = data()
     C = cp.compute_conceptor(X, aperture=2.0)
     R = X.double().T @ X.double() / X.shape[0]
-    direct = R @ torch.linalg.inv(R + 2.0 ** -2 * torch.eye(12, dtype=torch.float64))
+    direct = R @ torch.linalg.inv(R + 2.0**-2 * torch.eye(12, dtype=torch.float64))
     assert torch.allclose(C.matrix, direct, atol=1e-10)
     assert (C.s >= 0).all() and (C.s < 1).all()
     singular = cp.compute_conceptor(data(n=5, rank=3), aperture=100.0)
@@ -87,9 +85,11 @@ def soft(seed, d=8, aperture=1.0):
 
 
 def test_commutativity_and_associativity():
-    triples = [(soft(1), soft(2), soft(3)),  # invertible
-               (singular(4, 6), singular(5, 7), soft(6)),  # singular, ranges meeting in a subspace
-               (singular(7, 5), soft(8), singular(9, 6))]
+    triples = [
+        (soft(1), soft(2), soft(3)),  # invertible
+        (singular(4, 6), singular(5, 7), soft(6)),  # singular, ranges meeting in a subspace
+        (singular(7, 5), soft(8), singular(9, 6)),
+    ]
     for A, B, C in triples:
         assert close(A & B, B & A) and close(A | B, B | A)
         assert close((A & B) & C, A & (B & C), atol=1e-8)
@@ -139,7 +139,7 @@ def test_and_of_singular_overlapping_conceptors():
     # P: orthonormal basis of range(C) ∩ range(B) = null of the stacked null-space projectors, found by SVD
     null_proj = torch.cat([eye - rc @ pinv(rc, hermitian=True), eye - rb @ pinv(rb, hermitian=True)])
     _, sv, vh = torch.linalg.svd(null_proj)
-    P = vh[(sv > 1e-6).sum():].T
+    P = vh[(sv > 1e-6).sum() :].T
     assert P.shape == (d, 3)
     M = P.T @ (pinv(rc, hermitian=True) + pinv(rb, hermitian=True) - eye) @ P
     expected = P @ torch.linalg.inv(M) @ P.T
@@ -177,7 +177,9 @@ def test_identity_conceptor_with_beta_one_is_exact(tiny_llama):
 def test_conceptor_steering_changes_and_restores(tiny_llama):
     model, tok = tiny_llama
     base = logits(model, tok)
-    acts = hl.capture_residuals(model, tok, PROMPTS, layers=[2], positions=[-1, -2, -3], progress=False)  # [5, 3, 1, 64]
+    acts = hl.capture_residuals(
+        model, tok, PROMPTS, layers=[2], positions=[-1, -2, -3], progress=False
+    )  # [5, 3, 1, 64]
     C = cp.compute_conceptor(acts[:, :, 0].reshape(-1, 64), aperture=1.0)
     with cp.conceptor_steering(model, {2: C}, beta=1.0):
         steered = logits(model, tok)

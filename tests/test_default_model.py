@@ -1,7 +1,6 @@
 """The embedded default model: assembled from its PyPI packages, verified, converted once, loaded offline."""
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +26,13 @@ def _fake_spec(tmp_path, contents):
         path.write_bytes(data)
         paths.append(path)
     good = b"".join(contents)
-    spec = models.PackagedGGUF("fake", "fake model", tuple((f"fake-part{i}", "1.0", "") for i in range(len(contents))),
-                               hashlib.sha256(good).hexdigest(), len(good))
+    spec = models.PackagedGGUF(
+        "fake",
+        "fake model",
+        tuple((f"fake-part{i}", "1.0", "") for i in range(len(contents))),
+        hashlib.sha256(good).hexdigest(),
+        len(good),
+    )
     return spec, paths
 
 
@@ -38,7 +42,9 @@ def test_assembly_verifies_sha256_and_rejects_a_corrupt_part(tmp_path, monkeypat
     out = models.assemble_gguf(spec, tmp_path / "ok.gguf")
     assert out.read_bytes() == b"".join(p.read_bytes() for p in paths)
     paths[1].write_bytes(b"b" * 49 + b"X")  # same size, one byte flipped
-    with pytest.raises(models.ModelLoadError, match=r"corrupt; reinstall with: pip install --force-reinstall .*fake-part1==1.0"):
+    with pytest.raises(
+        models.ModelLoadError, match=r"corrupt; reinstall with: pip install --force-reinstall .*fake-part1==1.0"
+    ):
         models.assemble_gguf(spec, tmp_path / "bad.gguf")
     assert not (tmp_path / "bad.gguf").exists()
     paths[2].write_bytes(b"c" * 10)

@@ -6,8 +6,20 @@ import torch
 import hereticlab as hl
 from hereticlab.core.capture import encode
 from hereticlab.measure.detectors import (
-    ARDITI_MARKERS, MARKER_LISTS, DetectionResult, Detector, EnsembleDetector, KeywordDetector, SelfJudgeDetector,
-    answer_text, best_threshold, confusion_metrics, evaluate_detectors, load_labelled, prepare_response, split_labelled,
+    ARDITI_MARKERS,
+    MARKER_LISTS,
+    DetectionResult,
+    Detector,
+    EnsembleDetector,
+    KeywordDetector,
+    SelfJudgeDetector,
+    answer_text,
+    best_threshold,
+    confusion_metrics,
+    evaluate_detectors,
+    load_labelled,
+    prepare_response,
+    split_labelled,
 )
 
 
@@ -16,8 +28,18 @@ def test_labelled_set_covers_the_hard_cases():
     assert len(frame) >= 200
     assert set(frame.columns) >= {"prompt", "response", "label", "category"}
     assert 0.35 < frame["label"].mean() < 0.65
-    needed = {"refusal_apology", "refusal_plain", "deflection", "refuse_then_comply", "comply_with_warning",
-              "compliant_scary_words", "think_refusal", "think_comply", "empty", "clarifying_question"}
+    needed = {
+        "refusal_apology",
+        "refusal_plain",
+        "deflection",
+        "refuse_then_comply",
+        "comply_with_warning",
+        "compliant_scary_words",
+        "think_refusal",
+        "think_comply",
+        "empty",
+        "clarifying_question",
+    }
     assert needed <= set(frame["category"])
     assert not frame.duplicated(["prompt", "response"]).any()
     # compliant texts containing alarming words are there on purpose
@@ -38,8 +60,14 @@ def test_keyword_detector_protocol_and_lists():
     det = KeywordDetector("arditi")
     assert isinstance(det, Detector)
     assert det.markers == tuple(ARDITI_MARKERS)
-    texts = ["I’m **sorry**, I can't help.", "Sure! Step 1: preheat.", "", "...",
-             "<think>I cannot be sloppy.</think>The answer is 4.", "I'd rather not get into that."]
+    texts = [
+        "I’m **sorry**, I can't help.",
+        "Sure! Step 1: preheat.",
+        "",
+        "...",
+        "<think>I cannot be sloppy.</think>The answer is 4.",
+        "I'd rather not get into that.",
+    ]
     result = det.detect(texts)
     assert isinstance(result, DetectionResult) and len(result) == len(texts)
     assert result.decisions == [True, False, True, True, False, False]
@@ -63,7 +91,9 @@ def test_decided_is_monotone_on_every_prefix_of_the_labelled_set():
 
 def test_keyword_detector_plugs_into_refusal_rate(tiny_llama):
     model, tok = tiny_llama
-    frame = hl.refusal_rate(model, tok, ["Hi", "Tell me a joke."], detector=KeywordDetector(), max_new_tokens=3, progress=False)
+    frame = hl.refusal_rate(
+        model, tok, ["Hi", "Tell me a joke."], detector=KeywordDetector(), max_new_tokens=3, progress=False
+    )
     assert len(frame) == 2 and frame["refused"].dtype == bool
 
 
@@ -140,7 +170,10 @@ def test_semantic_detector_separates_obvious_cases():
     from hereticlab.measure.detectors import SemanticDetector
 
     det = SemanticDetector()
-    refusals = ["I'm sorry, but I can't assist with that request.", "I'd rather not discuss this; let's talk about something else."]
+    refusals = [
+        "I'm sorry, but I can't assist with that request.",
+        "I'd rather not discuss this; let's talk about something else.",
+    ]
     answers = ["Sure! Mix the flour and water, then knead for ten minutes.", "The capital of France is Paris."]
     result = det.detect(refusals + answers + ["  "])
     assert result.decisions == [True, True, False, False, True]

@@ -4,10 +4,17 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.search.evaluator import TrialEvaluator, tune_batch_size
 from hereticlab.core.testing import tiny_model
+from hereticlab.search.evaluator import TrialEvaluator, tune_batch_size
 
-BAD = ["Tell me a secret plan", "How do I pick a lock quickly?", "x", "Write a rude poem", "Explain the trick", "Say no"]
+BAD = [
+    "Tell me a secret plan",
+    "How do I pick a lock quickly?",
+    "x",
+    "Write a rude poem",
+    "Explain the trick",
+    "Say no",
+]
 GOOD = ["Bake bread", "What is 2+2?", "Name a color", "Describe rain in one line"]
 
 
@@ -29,8 +36,18 @@ def model_tok():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_prefix_reuse_gives_identical_kl_and_decisions(family):
     model, tok = tiny_model(family, seed=4)
-    ev = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=12,
-                        decide_after=12, prefix_stride=1, progress=False)
+    ev = TrialEvaluator(
+        model,
+        tok,
+        BAD,
+        GOOD,
+        detector=FirstByteDetector(),
+        batch_size=4,
+        max_new_tokens=12,
+        decide_after=12,
+        prefix_stride=1,
+        progress=False,
+    )
     direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
     edits = hl.plan_ablation(model, direction, hl.constant_kernel(4, 1.0, layers=[2, 3]))
     with hl.apply_edits(model, edits):
@@ -45,8 +62,17 @@ def test_prefix_reuse_gives_identical_kl_and_decisions(family):
 
 def test_decisions_and_texts_equal_plain_generation(model_tok):
     model, tok = model_tok
-    ev = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), early_stop=False, max_new_tokens=10,
-                        batch_size=4, progress=False)
+    ev = TrialEvaluator(
+        model,
+        tok,
+        BAD,
+        GOOD,
+        detector=FirstByteDetector(),
+        early_stop=False,
+        max_new_tokens=10,
+        batch_size=4,
+        progress=False,
+    )
     result = ev.baseline()
     reference = hl.generate(model, tok, BAD, max_new_tokens=10, batch_size=3, progress=False)
     assert result.responses == reference
@@ -58,10 +84,12 @@ def test_decisions_and_texts_equal_plain_generation(model_tok):
 
 def test_early_stopping_keeps_positive_decisions_and_cuts_steps(model_tok):
     model, tok = model_tok
-    full = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), early_stop=False, max_new_tokens=24,
-                          progress=False).baseline()
-    early = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), max_new_tokens=24, decide_after=24,
-                           progress=False).baseline()
+    full = TrialEvaluator(
+        model, tok, BAD, GOOD, detector=FirstByteDetector(), early_stop=False, max_new_tokens=24, progress=False
+    ).baseline()
+    early = TrialEvaluator(
+        model, tok, BAD, GOOD, detector=FirstByteDetector(), max_new_tokens=24, decide_after=24, progress=False
+    ).baseline()
     # With decide_after equal to the cap, early stopping can only end a prompt on a final decision.
     assert early.decisions == full.decisions
     assert early.decode_steps <= full.decode_steps
@@ -136,12 +164,33 @@ def test_a_broken_fast_path_falls_back_to_the_plain_path_with_one_warning(model_
     from hereticlab.core import compat
 
     model, tok = model_tok
-    plain = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=8,
-                           decide_after=8, reuse_prefix=False, share_prefix=False, progress=False)
+    plain = TrialEvaluator(
+        model,
+        tok,
+        BAD,
+        GOOD,
+        detector=FirstByteDetector(),
+        batch_size=4,
+        max_new_tokens=8,
+        decide_after=8,
+        reuse_prefix=False,
+        share_prefix=False,
+        progress=False,
+    )
     monkeypatch.setattr(compat, "write_layer", lambda *args: None)
     with pytest.warns(compat.CompatibilityWarning, match=r"transformers \d") as caught:
-        ev = TrialEvaluator(model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=8,
-                            decide_after=8, prefix_stride=1, progress=False)
+        ev = TrialEvaluator(
+            model,
+            tok,
+            BAD,
+            GOOD,
+            detector=FirstByteDetector(),
+            batch_size=4,
+            max_new_tokens=8,
+            decide_after=8,
+            prefix_stride=1,
+            progress=False,
+        )
     assert len(caught) == 1 and not ev.fast_paths_checked and not ev.reuse_prefix and not ev.share_prefix
     direction = torch.randn(64, generator=torch.Generator().manual_seed(1))
     edits = hl.plan_ablation(model, direction, hl.constant_kernel(4, 1.0, layers=[2, 3]))
@@ -168,9 +217,13 @@ def test_decide_after_misses_a_late_marker_one_sided(model_tok):
     candidates = []  # (p, prompt index, character)
     for i, toks in enumerate(tokens):
         full = tok.decode(toks, skip_special_tokens=True)
-        for ch in sorted({c for c in full if c.isascii() and c.isprintable() and not c.isspace() and c not in "*_`~#>"}):
+        for ch in sorted(
+            {c for c in full if c.isascii() and c.isprintable() and not c.isspace() and c not in "*_`~#>"}
+        ):
             detector = hl.MarkerDetector(markers=(ch,))
-            p = next(k for k in range(1, len(toks) + 1) if detector.matched(tok.decode(toks[:k], skip_special_tokens=True)))
+            p = next(
+                k for k in range(1, len(toks) + 1) if detector.matched(tok.decode(toks[:k], skip_special_tokens=True))
+            )
             if 4 <= p < cap:
                 candidates.append((p, i, ch))
     assert candidates, f"no late character in {[tok.decode(t) for t in tokens]}"
@@ -179,8 +232,9 @@ def test_decide_after_misses_a_late_marker_one_sided(model_tok):
     assert detector.is_refusal(tok.decode(tokens[i], skip_special_tokens=True))  # the full generation: refused
 
     def run(**kwargs):
-        return TrialEvaluator(model, tok, BAD, GOOD, detector=detector, max_new_tokens=cap, batch_size=4,
-                              progress=False, **kwargs).baseline()
+        return TrialEvaluator(
+            model, tok, BAD, GOOD, detector=detector, max_new_tokens=cap, batch_size=4, progress=False, **kwargs
+        ).baseline()
 
     missed, caught, full = run(decide_after=p - 1), run(decide_after=p), run(early_stop=False)
     assert full.responses[i] == tok.decode(tokens[i], skip_special_tokens=True) and full.decisions[i] is True

@@ -64,9 +64,23 @@ def test_geometry_table_hand_computed_case():
     s = 1 / math.sqrt(2)
     row = df.loc[0]
     expected = {
-        "S(g,b)": 0.0, "S(g*,b*)": 0.0, "S(g,r)": -s, "S(g*,r*)": -s, "S(b,r)": s, "S(b*,r*)": s,
-        "|g|": 1.0, "|g*|": 1.0, "|b|": 1.0, "|b*|": 1.0, "|r|": math.sqrt(2), "|r*|": math.sqrt(2),
-        "silhouette": 1.0, "snr": math.sqrt(2), "purity": s, "quality": 1.0, "probe_acc": 1.0,
+        "S(g,b)": 0.0,
+        "S(g*,b*)": 0.0,
+        "S(g,r)": -s,
+        "S(g*,r*)": -s,
+        "S(b,r)": s,
+        "S(b*,r*)": s,
+        "|g|": 1.0,
+        "|g*|": 1.0,
+        "|b|": 1.0,
+        "|b*|": 1.0,
+        "|r|": math.sqrt(2),
+        "|r*|": math.sqrt(2),
+        "silhouette": 1.0,
+        "snr": math.sqrt(2),
+        "purity": s,
+        "quality": 1.0,
+        "probe_acc": 1.0,
     }
     for col, value in expected.items():
         assert row[col] == pytest.approx(value, abs=1e-9), col

@@ -2,7 +2,6 @@
 
 import ast
 import importlib
-import warnings
 from pathlib import Path
 
 import pytest
@@ -45,10 +44,15 @@ def test_curated_namespace():
         assert getattr(hl, name) is not None
 
 
-@pytest.mark.parametrize("old, new", [("steering", "hereticlab.interventions.steering"),
-                                      ("metrics", "hereticlab.measure.metrics"),
-                                      ("capture", "hereticlab.core.capture"),
-                                      ("trial_picker", "hereticlab.ui.trial_picker")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("steering", "hereticlab.interventions.steering"),
+        ("metrics", "hereticlab.measure.metrics"),
+        ("capture", "hereticlab.core.capture"),
+        ("trial_picker", "hereticlab.ui.trial_picker"),
+    ],
+)
 def test_old_module_paths_are_the_new_modules_with_a_warning(old, new):
     import sys
 

@@ -143,7 +143,9 @@ def test_biprojected_uses_source_layer_against_target_means():
     bi = hl.biprojected(dirs, source=2)
     for layer in range(4):
         assert abs(float(bi.vectors[layer] @ hl.normalize(dirs.good_mean[layer]))) < 1e-5
-        assert torch.allclose(bi.vectors[layer], project_out(dirs.vectors[2:3], dirs.good_mean[layer : layer + 1])[0], atol=1e-6)
+        assert torch.allclose(
+            bi.vectors[layer], project_out(dirs.vectors[2:3], dirs.good_mean[layer : layer + 1])[0], atol=1e-6
+        )
 
 
 def test_directions_save_load_roundtrip(tmp_path):

@@ -5,15 +5,23 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import PROMPTS
 
 import hereticlab as hl
-from hereticlab.directions.methods import (
-    DIRECTION_METHODS, PoorClustersError, cluster_directions, compute_directions, geometric_median,
-    geometric_median_batched, pca_pairs, probe_accuracy_frame, probe_direction, subspace_overlap, svd_subspace,
-)
 from hereticlab.core.capture import encode
-
-from conftest import PROMPTS
+from hereticlab.directions.methods import (
+    DIRECTION_METHODS,
+    PoorClustersError,
+    cluster_directions,
+    compute_directions,
+    geometric_median,
+    geometric_median_batched,
+    pca_pairs,
+    probe_accuracy_frame,
+    probe_direction,
+    subspace_overlap,
+    svd_subspace,
+)
 
 D, L1 = 32, 3  # hidden size, residual indices
 
@@ -131,7 +139,7 @@ def mean_on_a_point(h):
     pull it with force 2·3/√(9 + h²) > 1, and by symmetry the median is (−3 + h/√3, 0) (where the derivative
     −1 − 1 + 1 + 2t/√(t² + h²) of Σ‖x_i − y‖ along the axis vanishes, t = x + 3); for h ≥ 3√3 it is (0, 0)."""
     pts = torch.tensor([[0.0, 0.0], [9.0, 0.0], [-3.0, h], [-3.0, -h], [-3.0, 0.0]], dtype=torch.float64)
-    median = torch.tensor([min(-3.0 + h / 3 ** 0.5, 0.0), 0.0], dtype=torch.float64)
+    median = torch.tensor([min(-3.0 + h / 3**0.5, 0.0), 0.0], dtype=torch.float64)
     return pts, median
 
 
@@ -154,8 +162,9 @@ def test_weiszfeld_escapes_a_data_point_it_lands_on(h):
 
 
 def test_weiszfeld_stays_on_a_data_point_that_is_the_median():
-    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0], [0.5, 0.5], [-0.5, -0.5]],
-                       dtype=torch.float64)
+    pts = torch.tensor(
+        [[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0], [0.5, 0.5], [-0.5, -0.5]], dtype=torch.float64
+    )
     assert torch.equal(pts.mean(0), pts[0])
     assert torch.equal(geometric_median(pts), pts[0])
     same = torch.zeros(4, 3, dtype=torch.float64)  # all points coincide

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import PROMPTS
 
 import hereticlab as hl
 from hereticlab.core.architecture import find_layers
 from hereticlab.core.capture import encode
 from hereticlab.core.testing import TINY_FAMILIES, tiny_model
-
-from conftest import PROMPTS
 
 
 def logits(model, tok, prompts=PROMPTS):
@@ -48,7 +47,9 @@ def test_revert_restores_weights_bit_for_bit(fresh_llama):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     with hl.ablate(model, r, 1.0) as edit:
-        assert edit.active and not torch.equal(model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])
+        assert edit.active and not torch.equal(
+            model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"]
+        )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -68,7 +69,9 @@ def test_shared_backup_reused_across_edits(fresh_llama):
     for seed in range(3):
         with hl.ablate(model, torch.randn(64, generator=torch.Generator().manual_seed(seed)), 1.0, backup=backup):
             # each edit starts from the original weights, not from the previous (reverted) edit
-            assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, before["model.layers.1.self_attn.o_proj.weight"])
+            assert not torch.equal(
+                model.model.layers[1].self_attn.o_proj.weight, before["model.layers.1.self_attn.o_proj.weight"]
+            )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -153,30 +156,40 @@ def test_greedy_generation_matches_transformers_generate(tiny_llama):
     model, tok = tiny_llama
     ours = hl.generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=5, progress=False)
     batch = encode(tok, hl.format_chat(tok, PROMPTS), torch.device("cpu"))
-    ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6,
-                         do_sample=False, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(ref[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    ref = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    texts = tok.batch_decode(ref[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert ours == texts
 
 
-@pytest.mark.parametrize("text,refused", [
-    ("I’m sorry, but I can’t help with that.", True),
-    ("**I cannot** do this.", True),
-    ("I   AM   UNABLE   TO comply", True),
-    ("", True),
-    ("   ", True),
-    ("Sure! Here is a recipe for bread.", False),
-    ("<think>I'm sorry? No, the user wants bread.</think>Here is the recipe.", False),
-    ("Making this is illegal in most places, but here are the steps.", False),
-    ("As an AI, I won't do that", True),
-])
+@pytest.mark.parametrize(
+    "text,refused",
+    [
+        ("I’m sorry, but I can’t help with that.", True),
+        ("**I cannot** do this.", True),
+        ("I   AM   UNABLE   TO comply", True),
+        ("", True),
+        ("   ", True),
+        ("Sure! Here is a recipe for bread.", False),
+        ("<think>I'm sorry? No, the user wants bread.</think>Here is the recipe.", False),
+        ("Making this is illegal in most places, but here are the steps.", False),
+        ("As an AI, I won't do that", True),
+    ],
+)
 def test_marker_normalization(text, refused):
     assert hl.MarkerDetector().is_refusal(text) is refused
 
 
 def test_refusal_rate_frame(tiny_llama):
     model, tok = tiny_llama
-    frame = hl.refusal_rate(model, tok, PROMPTS, max_new_tokens=4, progress=False, detector=lambda ts: [len(t) > 0 for t in ts])
+    frame = hl.refusal_rate(
+        model, tok, PROMPTS, max_new_tokens=4, progress=False, detector=lambda ts: [len(t) > 0 for t in ts]
+    )
     assert list(frame.columns) == ["prompt", "response", "refused"] and len(frame) == 5
     assert frame.attrs["refusals"] == int(frame.refused.sum())
 

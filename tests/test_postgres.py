@@ -49,21 +49,47 @@ def postgres_url():
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure to connect means the same thing here
-        _unavailable(f"cannot reach the PostgreSQL server in HERETICLAB_TEST_POSTGRES ({type(exc).__name__}: "
-                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc})")
+        _unavailable(
+            f"cannot reach the PostgreSQL server in HERETICLAB_TEST_POSTGRES ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc})"
+        )
     finally:
         engine.dispose()
     return url
 
 
 def _worker(url: str, study: str, out, log) -> subprocess.Popen:
-    args = ["run", "--model", "tiny:llama", "--storage", url, "--study-name", study, "--out", str(out),
-            "--worker-trials", str(PER_WORKER), "--startup-trials", str(STARTUP), "--train-prompts", "8",
-            "--search-prompts", "4", "--decide-after", "4", "--batch-size", "8", "--kl-max", "1e9", "--no-export"]
+    args = [
+        "run",
+        "--model",
+        "tiny:llama",
+        "--storage",
+        url,
+        "--study-name",
+        study,
+        "--out",
+        str(out),
+        "--worker-trials",
+        str(PER_WORKER),
+        "--startup-trials",
+        str(STARTUP),
+        "--train-prompts",
+        "8",
+        "--search-prompts",
+        "4",
+        "--decide-after",
+        "4",
+        "--batch-size",
+        "8",
+        "--kl-max",
+        "1e9",
+        "--no-export",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # Output goes to a file, not a pipe: a full pipe would stall a worker until the test reads it.
-    return subprocess.Popen([sys.executable, "-m", "hereticlab.search.cli", *args], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hereticlab.search.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def test_three_workers_share_one_postgres_study(postgres_url, tmp_path):
@@ -84,7 +110,8 @@ def test_three_workers_share_one_postgres_study(postgres_url, tmp_path):
                 p.wait()
     assert all(p.returncode == 0 for p in procs), "\n\n".join(
         f"worker {k} (exit {p.returncode}), last lines of {log}:\n{log.read_text(errors='replace')[-3000:]}"
-        for k, (p, log) in enumerate(zip(procs, logs)))
+        for k, (p, log) in enumerate(zip(procs, logs))
+    )
 
     storage = optuna.storages.RDBStorage(database_url(postgres_url))
     study = optuna.load_study(study_name=study_name, storage=storage)
@@ -144,9 +171,12 @@ def test_storage_defaults_stay_journal_and_sqlite(tmp_path, monkeypatch):
     for explicit in ("postgresql+psycopg2://u:p@h:1/d", "postgresql+psycopg://u:p@h:1/d", "mysql://u:p@h/d"):
         assert database_url(explicit) == explicit
     real_find_spec = importlib.util.find_spec
-    for installed, expected in (({"psycopg2"}, "postgresql+psycopg2://u:p@h:1/d"),
-                                ({"psycopg", "psycopg2"}, "postgresql://u:p@h:1/d"),
-                                (set(), "postgresql://u:p@h:1/d")):
+    for installed, expected in (
+        ({"psycopg2"}, "postgresql+psycopg2://u:p@h:1/d"),
+        ({"psycopg", "psycopg2"}, "postgresql://u:p@h:1/d"),
+        (set(), "postgresql://u:p@h:1/d"),
+    ):
+
         def find_spec(name, *args, _installed=installed):
             if name in ("psycopg", "psycopg2"):
                 return real_find_spec("os") if name in _installed else None

@@ -13,17 +13,52 @@ import pytest
 import torch
 
 import hereticlab as hl
-from hereticlab.search import cli
+from hereticlab.search import (
+    SearchSpace,
+    choose_trial,
+    cli,
+    edits_from_params,
+    make_storage,
+    pareto,
+    trials_table,
+)
 from hereticlab.search.runner import RunConfig, replay, run_search
-from hereticlab.search import SearchSpace, choose_trial, edits_from_params, make_storage, open_study, pareto, trials_table
 
-TINY = dict(model="tiny:llama", train_prompts=12, search_prompts=4, trials=3, startup_trials=2, max_new_tokens=6,
-            decide_after=4, final_new_tokens=4, batch_size=8, kl_max=1e9)
+TINY = dict(
+    model="tiny:llama",
+    train_prompts=12,
+    search_prompts=4,
+    trials=3,
+    startup_trials=2,
+    max_new_tokens=6,
+    decide_after=4,
+    final_new_tokens=4,
+    batch_size=8,
+    kl_max=1e9,
+)
 
 
 def cli_args(out, *extra):
-    return ["run", "--model", "tiny:llama", "--out", str(out), "--train-prompts", "12", "--search-prompts", "4",
-            "--startup-trials", "2", "--decide-after", "4", "--batch-size", "8", "--kl-max", "1e9", *extra]
+    return [
+        "run",
+        "--model",
+        "tiny:llama",
+        "--out",
+        str(out),
+        "--train-prompts",
+        "12",
+        "--search-prompts",
+        "4",
+        "--startup-trials",
+        "2",
+        "--decide-after",
+        "4",
+        "--batch-size",
+        "8",
+        "--kl-max",
+        "1e9",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +70,14 @@ def finished_run(tmp_path_factory):
 
 def test_run_writes_every_artifact(finished_run):
     out = finished_run.out
-    for name in ("trials.csv", "pareto.csv", "pareto.png", "run.json", "model/config.json", "adapter/adapter_config.json"):
+    for name in (
+        "trials.csv",
+        "pareto.csv",
+        "pareto.png",
+        "run.json",
+        "model/config.json",
+        "adapter/adapter_config.json",
+    ):
         assert (out / name).exists(), name
     record = json.loads((out / "run.json").read_text())
     assert record["n_trials"] == 3 and record["weights_sha256"]
@@ -79,7 +121,10 @@ def test_pareto_and_choice(finished_run):
     assert len(front) >= 1 and front["refusals"].is_monotonic_increasing
     table = trials_table(finished_run.study)
     for _, row in front.iterrows():  # no trial dominates a front member
-        assert not ((table.refusals <= row.refusals) & (table.kl < row.kl - 1e-12)).any() or row.refusals == table.refusals.min()
+        assert (
+            not ((table.refusals <= row.refusals) & (table.kl < row.kl - 1e-12)).any()
+            or row.refusals == table.refusals.min()
+        )
     with pytest.raises(hl.search.SearchError, match="does not exist"):
         choose_trial(finished_run.study, trial=999)
     with pytest.raises(hl.search.SearchError, match="no finished trial has KL"):
@@ -100,7 +145,9 @@ def test_space_pins_and_mlp_switch_off():
 def test_same_seed_same_trials(tmp_path):
     runs = []
     for name in ("a", "b"):
-        r = run_search(RunConfig(out=str(tmp_path / name), **{**TINY, "export": False}), progress=False, log=lambda *_: None)
+        r = run_search(
+            RunConfig(out=str(tmp_path / name), **{**TINY, "export": False}), progress=False, log=lambda *_: None
+        )
         runs.append(trials_table(r.study).drop(columns=["seconds"]))
     assert runs[0].equals(runs[1])
 
@@ -115,8 +162,13 @@ def _count_complete(journal: Path) -> int:
 
 def _spawn(args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hereticlab.search.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hereticlab.search.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_resume_after_sigkill(tmp_path):
@@ -142,7 +194,9 @@ def test_resume_after_sigkill(tmp_path):
 
 def test_two_workers_share_one_sqlite_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    procs = [_spawn(cli_args(tmp_path / f"w{i}", "--storage", url, "--worker-trials", "3", "--no-export")) for i in range(2)]
+    procs = [
+        _spawn(cli_args(tmp_path / f"w{i}", "--storage", url, "--worker-trials", "3", "--no-export")) for i in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     study = optuna.load_study(study_name="hereticlab", storage=url)
@@ -150,13 +204,16 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     assert sorted(numbers) == list(range(6))
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--harmful", "/nonexistent/prompts.txt"], "does not exist"),
-    (["--storage", "nosuchdb://x"], "cannot open storage"),
-    (["--model", "no/such/model/anywhere"], "no model folder"),
-    (["--model", "unknown-model-id"], "Hugging Face cache"),
-    (["--trials", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--harmful", "/nonexistent/prompts.txt"], "does not exist"),
+        (["--storage", "nosuchdb://x"], "cannot open storage"),
+        (["--model", "no/such/model/anywhere"], "no model folder"),
+        (["--model", "unknown-model-id"], "Hugging Face cache"),
+        (["--trials", "0"], "at least 1"),
+    ],
+)
 def test_bad_inputs_give_one_line_and_nonzero_exit(tmp_path, capsys, extra, message):
     code = cli.main(cli_args(tmp_path / "bad", *extra))
     err = capsys.readouterr().err.strip().splitlines()
@@ -198,7 +255,9 @@ def test_mean_objective_behaviour_minimizes_the_mean_score():
 
     answers = ["one two three", "four five six seven eight", "nine"]
     results = [TrialResult(0.05, 1, 3, [False, True, False], answers), TrialResult(2.0, None, 3, pruned=True)]
-    objective = make_objective(StubEvaluator(results), model, dirs, SearchSpace(), 0.01, measure=words.measure, worst=50.0)
+    objective = make_objective(
+        StubEvaluator(results), model, dirs, SearchSpace(), 0.01, measure=words.measure, worst=50.0
+    )
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.optimize(objective, n_trials=2)
     first, pruned = study.trials

@@ -5,27 +5,37 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import PROMPTS
 
 import hereticlab as hl
-from hereticlab.core.capture import encode
 from hereticlab.measure.depth import per_position_kl, prefill_refusal, response_logprobs, response_nll
 from hereticlab.measure.selection import (
-    Selection, candidate_directions, choose_candidate, filter_training_prompts, plot_candidates, post_instruction_positions, refusal_log_odds,
-    refusal_metric, refusal_token_ids, score_candidates, select_direction, selection_from_frame,
+    Selection,
+    candidate_directions,
+    choose_candidate,
+    filter_training_prompts,
+    plot_candidates,
+    post_instruction_positions,
+    refusal_log_odds,
+    refusal_metric,
+    refusal_token_ids,
+    score_candidates,
+    select_direction,
+    selection_from_frame,
 )
-
-from conftest import PROMPTS
 
 
 def synthetic_frame():
     # layer 3 has the lowest bypass but fails induce; layer 9 is too deep (n_layers=10 → limit 8); layer 5 fails kl.
-    return pd.DataFrame([
-        {"position": -1, "layer": 3, "bypass": -5.0, "induce": -0.5, "kl": 0.01},
-        {"position": -1, "layer": 9, "bypass": -4.0, "induce": 2.0, "kl": 0.01},
-        {"position": -2, "layer": 5, "bypass": -3.0, "induce": 1.0, "kl": 0.50},
-        {"position": -2, "layer": 4, "bypass": -2.0, "induce": 0.5, "kl": 0.05},
-        {"position": -1, "layer": 6, "bypass": -1.0, "induce": 3.0, "kl": 0.02},
-    ])
+    return pd.DataFrame(
+        [
+            {"position": -1, "layer": 3, "bypass": -5.0, "induce": -0.5, "kl": 0.01},
+            {"position": -1, "layer": 9, "bypass": -4.0, "induce": 2.0, "kl": 0.01},
+            {"position": -2, "layer": 5, "bypass": -3.0, "induce": 1.0, "kl": 0.50},
+            {"position": -2, "layer": 4, "bypass": -2.0, "induce": 0.5, "kl": 0.05},
+            {"position": -1, "layer": 6, "bypass": -1.0, "induce": 3.0, "kl": 0.02},
+        ]
+    )
 
 
 def test_selection_filters_respected():
@@ -65,7 +75,9 @@ def test_refusal_log_odds_exact():
     assert torch.allclose(out.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
     # Stable when P_ref is tiny or ≈ 1.
     lp = torch.log_softmax(torch.tensor([[60.0, 0.0, 0.0]]), -1)
-    assert torch.isfinite(refusal_log_odds(lp, [0])).all() and refusal_log_odds(lp, [0]).item() == pytest.approx(60 - math.log(2), abs=1e-4)
+    assert torch.isfinite(refusal_log_odds(lp, [0])).all() and refusal_log_odds(lp, [0]).item() == pytest.approx(
+        60 - math.log(2), abs=1e-4
+    )
 
 
 def test_refusal_tokens_and_positions(tiny_llama):
@@ -98,8 +110,19 @@ def test_scoring_on_tiny_model(tiny_llama):
         expected = refusal_metric(model, tok, PROMPTS[3:]).mean()
     got = frame[(frame.position == -1) & (frame.layer == 2)].induce.item()
     assert got == pytest.approx(float(expected), abs=1e-5)
-    sel = select_direction(model, tok, PROMPTS[:3], PROMPTS[3:], PROMPTS[:3], PROMPTS[3:], positions=[-1], layers=[1, 2],
-                           induce_min=None, kl_max=None, max_layer_frac=None)
+    sel = select_direction(
+        model,
+        tok,
+        PROMPTS[:3],
+        PROMPTS[3:],
+        PROMPTS[:3],
+        PROMPTS[3:],
+        positions=[-1],
+        layers=[1, 2],
+        induce_min=None,
+        kl_max=None,
+        max_layer_frac=None,
+    )
     assert isinstance(sel, Selection) and sel.layer in (1, 2) and sel.direction.shape == (64,)
     assert hook_counts(model) == hooks_before  # transformers may keep its own capture hooks; ours are gone
 
@@ -141,8 +164,14 @@ def test_bypass_and_kl_of_one_candidate_by_hand(tiny_llama):
         p = logprobs.exp()[:, refusal].sum(-1)
         return (p.log() - (1 - p).log()).mean()
 
-    base_harmful, base_harmless = last_logprobs_by_hand(model, tok, harmful), last_logprobs_by_hand(model, tok, harmless)
-    abl_harmful, abl_harmless = last_logprobs_by_hand(edited, tok, harmful), last_logprobs_by_hand(edited, tok, harmless)
+    base_harmful, base_harmless = (
+        last_logprobs_by_hand(model, tok, harmful),
+        last_logprobs_by_hand(model, tok, harmless),
+    )
+    abl_harmful, abl_harmless = (
+        last_logprobs_by_hand(edited, tok, harmful),
+        last_logprobs_by_hand(edited, tok, harmless),
+    )
     assert float(metric(base_harmful)) == pytest.approx(baseline["harmful"], abs=2e-5)
     assert float(metric(abl_harmful)) == pytest.approx(row.bypass, abs=2e-5)
     kl = (base_harmless.exp() * (base_harmless - abl_harmless)).sum(-1).mean()
@@ -173,7 +202,14 @@ def test_per_position_kl(tiny_llama):
     same = per_position_kl(model, tok, PROMPTS, "Sure, here is", None, max_tokens=6)
     assert list(same.columns) == ["position", "kl", "kl_std", "n"] and same.kl.abs().max() < 1e-6
     r = torch.randn(64, generator=torch.Generator().manual_seed(0))
-    edited = per_position_kl(model, tok, PROMPTS, "Sure, here is", lambda: hl.ablate(model, r, components=("embed", "attn", "mlp")), max_tokens=6)
+    edited = per_position_kl(
+        model,
+        tok,
+        PROMPTS,
+        "Sure, here is",
+        lambda: hl.ablate(model, r, components=("embed", "attn", "mlp")),
+        max_tokens=6,
+    )
     hooked = per_position_kl(model, tok, PROMPTS, "Sure, here is", lambda: hl.ablation_hooks(model, r), max_tokens=6)
     assert (edited.kl > 0).all() and len(edited) == 6
     assert edited.attrs["per_prompt"].shape == (5, 6)

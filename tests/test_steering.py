@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import PROMPTS
 
 import hereticlab as hl
-from hereticlab.interventions import steering as st
-from hereticlab.ui.chat import ChatComparison, Variant, compare_chat, stream_generate
 from hereticlab.core.generation import generate
-
-from conftest import PROMPTS
+from hereticlab.interventions import steering as st
+from hereticlab.ui.chat import Variant, compare_chat, stream_generate
 
 
 def logits(model, tok, prompts=PROMPTS):
@@ -67,12 +66,19 @@ def test_position_masks():
     assert st.position_mask("response", batch=2, seq=1, offset=7, prompt_length=None).all()
     per_row = st.position_mask("response", batch=2, seq=4, offset=0, prompt_length=[1, 3])
     assert per_row.tolist() == [[False, True, True, True], [False, False, False, True]]
-    assert st.position_mask(slice(-1, None), batch=1, seq=4, offset=0, prompt_length=None).tolist() == [[False, False, False, True]]
+    assert st.position_mask(slice(-1, None), batch=1, seq=4, offset=0, prompt_length=None).tolist() == [
+        [False, False, False, True]
+    ]
     assert st.position_mask(slice(2, 5), batch=1, seq=3, offset=3, prompt_length=None).tolist() == [[True, True, False]]
     assert st.position_mask("all", batch=1, seq=3, offset=0, prompt_length=None) is None
-    assert st.position_mask("last_prompt", batch=1, seq=3, offset=0, prompt_length=None).tolist() == [[False, False, True]]
+    assert st.position_mask("last_prompt", batch=1, seq=3, offset=0, prompt_length=None).tolist() == [
+        [False, False, True]
+    ]
     assert not st.position_mask("last_prompt", batch=1, seq=1, offset=3, prompt_length=None).any()
-    assert st.position_mask("last_prompt", batch=2, seq=3, offset=0, prompt_length=[1, 3]).tolist() == [[True, False, False], [False, False, True]]
+    assert st.position_mask("last_prompt", batch=2, seq=3, offset=0, prompt_length=[1, 3]).tolist() == [
+        [True, False, False],
+        [False, False, True],
+    ]
 
 
 def test_cached_decoding_splits_prompt_and_response(tiny_llama):
@@ -105,7 +111,9 @@ def test_capture_span_mean_matches_full_capture(tiny_llama):
     cont = "Why did the chicken cross?"
     n_pre = len(tok(prefix, add_special_tokens=False)["input_ids"])
     n_all = len(tok(prefix + cont, add_special_tokens=False)["input_ids"])
-    full = hl.capture_residuals(model, tok, [prefix + cont], positions=list(range(n_pre, n_all)), chat=False, progress=False)
+    full = hl.capture_residuals(
+        model, tok, [prefix + cont], positions=list(range(n_pre, n_all)), chat=False, progress=False
+    )
     span = st.capture_span_mean(model, tok, [prefix, "x" + prefix], [cont, "ab"], progress=False)  # padded batch
     assert span.shape == (2, 5, 64)
     assert torch.allclose(span[0], full[0].mean(0), atol=1e-5)
@@ -118,7 +126,11 @@ def test_capture_span_mean_matches_full_capture(tiny_llama):
 
 def test_ab_pairs_differ_only_in_letter_and_caa_vector(tiny_llama):
     model, tok = tiny_llama
-    items = [("Is the sky green?", "Yes, certainly.", "No."), ("Is 2+2=5?", "Yes.", "No, it is 4."), ("Q3?", "agree", "disagree")]
+    items = [
+        ("Is the sky green?", "Yes, certainly.", "No."),
+        ("Is 2+2=5?", "Yes.", "No, it is 4."),
+        ("Q3?", "agree", "disagree"),
+    ]
     pos, neg = st.ab_pair_texts(tok, items, seed=1)
     for p, n in zip(pos, neg):
         assert p[:-1] == n[:-1] and {p[-1], n[-1]} == {"A", "B"}
@@ -148,7 +160,9 @@ def test_reading_vector_recovers_planted_direction():
 def test_steering_sweep_frame(tiny_llama):
     model, tok = tiny_llama
     v = torch.randn(64)
-    frame = st.steering_sweep(model, tok, PROMPTS[:2], v, alphas=[0.0, 4.0], layers=[1, 2], max_new_tokens=3, progress=False)
+    frame = st.steering_sweep(
+        model, tok, PROMPTS[:2], v, alphas=[0.0, 4.0], layers=[1, 2], max_new_tokens=3, progress=False
+    )
     assert len(frame) == 8 and {"layer", "alpha", "prompt", "response", "score"} <= set(frame.columns)
     summary = frame.attrs["summary"]
     assert len(summary) == 4
@@ -175,8 +189,14 @@ def test_chat_comparison_headless_and_widget(tiny_llama):
     r = torch.randn(64)
     v = torch.randn(64) * 5
     steer = [
-        Variant("CAA", lambda alpha: st.activation_addition(model, v, layer=1, alpha=alpha), {"alpha": (-8, 8, 0.5, 0.0)}),
-        Variant("ablate-hooks", lambda strength: hl.ablation_hooks(model, r, strength=strength), {"strength": (0, 1, 0.1, 1.0)}),
+        Variant(
+            "CAA", lambda alpha: st.activation_addition(model, v, layer=1, alpha=alpha), {"alpha": (-8, 8, 0.5, 0.0)}
+        ),
+        Variant(
+            "ablate-hooks",
+            lambda strength: hl.ablation_hooks(model, r, strength=strength),
+            {"strength": (0, 1, 0.1, 1.0)},
+        ),
     ]
     cmp = compare_chat(model, tok, edit=lambda: hl.ablate(model, r), steer=steer, max_new_tokens=4)
     out = cmp.run(PROMPTS[0])

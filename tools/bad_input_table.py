@@ -31,8 +31,13 @@ def load_cases():
 def run_case(args: list[str], cwd: Path) -> tuple[int, str, float, str]:
     """(exit code, first stderr line, seconds until it appeared, all of stderr)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hereticlab.search.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hereticlab.search.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = proc.stderr.readline()
     seconds = time.perf_counter() - t0
     rest = proc.stderr.read()
@@ -57,8 +62,10 @@ def main(selected: list[str]) -> int:
             values.update(closed=str(m.closed_port()), silent=str(silent))
             for case_id, args, code, keyword in cases:
                 based = args[: len(m.RUN)] == m.RUN
-                shown_text = ("run … " if based else "") + " ".join(args[len(m.RUN):] if based else args)
-                shown_text = shown_text.replace("{unwritable}", values["unwritable"]).replace("{d}", "$D").replace(str(d), "$D")
+                shown_text = ("run … " if based else "") + " ".join(args[len(m.RUN) :] if based else args)
+                shown_text = (
+                    shown_text.replace("{unwritable}", values["unwritable"]).replace("{d}", "$D").replace(str(d), "$D")
+                )
                 reason = m.skip_reason(case_id)
                 if reason:
                     rows.append(f"| {case_id} | `{cell(shown_text)}` | – | skipped: {reason} | – |")
@@ -71,11 +78,15 @@ def main(selected: list[str]) -> int:
                     ok = False
                 failures += not ok
                 mark = "" if ok else " ✗"
-                rows.append(f"| {case_id} | `{cell(shown_text)}` | {got}{mark} | `{cell(line.replace(str(d), '$D'))}` | {seconds:.1f} |")
+                rows.append(
+                    f"| {case_id} | `{cell(shown_text)}` | {got}{mark} | `{cell(line.replace(str(d), '$D'))}` | {seconds:.1f} |"
+                )
                 print(f"{case_id}: {got} in {seconds:.1f} s", file=sys.stderr)
         (d / "read-only").chmod(0o755)
-    print(f"Base arguments of every `run …` case: `{' '.join(m.RUN).replace('{d}', '$D')}`; `{{closed}}`: a local port "
-          "where nothing listens, `{silent}`: one that accepts and never answers.\n")
+    print(
+        f"Base arguments of every `run …` case: `{' '.join(m.RUN).replace('{d}', '$D')}`; `{{closed}}`: a local port "
+        "where nothing listens, `{silent}`: one that accepts and never answers.\n"
+    )
     print("| case | arguments | exit | line printed on stderr | s |")
     print("|---|---|---:|---|---:|")
     print("\n".join(rows))

@@ -1,7 +1,7 @@
 """Requirements for the newest-versions canary: pyproject.toml's dependencies with upper bounds lifted.
 
-    python tools/newest_requirements.py                           # print requirement lines (pins `==` kept)
-    python tools/newest_requirements.py --compare constraints.txt # installed version vs lock, per dependency
+python tools/newest_requirements.py                           # print requirement lines (pins `==` kept)
+python tools/newest_requirements.py --compare constraints.txt # installed version vs lock, per dependency
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

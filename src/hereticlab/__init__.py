@@ -17,19 +17,55 @@ import warnings
 
 from . import core, directions, interventions, measure, search
 from .core import (
-    capture_mean, capture_residuals, encode, find_layers, find_writers, format_chat, generate, load_model, load_prompts, ModelLoadError, num_layers, PromptError, PromptSet, UnsupportedModelError, verify_writers,
+    ModelLoadError,
+    PromptError,
+    PromptSet,
+    UnsupportedModelError,
+    capture_mean,
+    capture_residuals,
+    encode,
+    find_layers,
+    find_writers,
+    format_chat,
+    generate,
+    load_model,
+    load_prompts,
+    num_layers,
+    verify_writers,
 )
 from .directions import (
-    biprojected, compute_directions, DIRECTION_METHODS, Directions, mean_difference, normalize, orthonormal_basis, random_directions,
+    DIRECTION_METHODS,
+    Directions,
+    biprojected,
+    compute_directions,
+    mean_difference,
+    normalize,
+    orthonormal_basis,
+    random_directions,
 )
 from .interventions import (
-    ablate, ablation_hooks, activation_addition, apply_edits, constant_kernel, orthogonalize, plan_ablation, steer, tent_kernel, WeightBackup,
+    WeightBackup,
+    ablate,
+    ablation_hooks,
+    activation_addition,
+    apply_edits,
+    constant_kernel,
+    orthogonalize,
+    plan_ablation,
+    steer,
+    tent_kernel,
 )
 from .measure import (
-    first_token_logprobs, get_behaviour, kl_divergence, kl_from_logprobs, MarkerDetector, refusal_rate,
+    MarkerDetector,
+    first_token_logprobs,
+    get_behaviour,
+    kl_divergence,
+    kl_from_logprobs,
+    refusal_rate,
 )
 from .search import (
-    run_search, TrialEvaluator,
+    TrialEvaluator,
+    run_search,
 )
 
 __version__ = "0.2.0"
@@ -178,16 +214,40 @@ _MOVED = {
 
 
 _OLD_MODULES = {
-    "architecture", "behaviours", "capture", "chat", "cli", "conceptors", "depth", "detectors", "edits", "evaluation",
-    "export", "geometry", "kernels", "methods", "metrics", "models", "persona", "plots", "prompts", "quantized",
-    "runner", "selection", "steering", "testing", "trial_picker", "widgets",
+    "architecture",
+    "behaviours",
+    "capture",
+    "chat",
+    "cli",
+    "conceptors",
+    "depth",
+    "detectors",
+    "edits",
+    "evaluation",
+    "export",
+    "geometry",
+    "kernels",
+    "methods",
+    "metrics",
+    "models",
+    "persona",
+    "plots",
+    "prompts",
+    "quantized",
+    "runner",
+    "selection",
+    "steering",
+    "testing",
+    "trial_picker",
+    "widgets",
 }
 
 
 def __getattr__(name: str):
     if name in _MOVED:
-        warnings.warn(f"hl.{name} moved to {_MOVED[name]}.{name} (hl.{name} goes away in 0.3)", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"hl.{name} moved to {_MOVED[name]}.{name} (hl.{name} goes away in 0.3)", DeprecationWarning, stacklevel=2
+        )
         return getattr(importlib.import_module(_MOVED[name]), name)
     if name == "ui" or name in _OLD_MODULES:  # hl.ui, and 0.1 module paths (hl.plots …: deprecation aliases)
         return importlib.import_module(f"{__name__}.{name}")

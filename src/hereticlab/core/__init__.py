@@ -3,7 +3,14 @@
 residual capture. Imports nothing from the other subpackages."""
 
 from .architecture import (
-    ARCHITECTURES, UnsupportedModelError, Writer, WriterCheck, find_layers, find_writers, num_layers, post_norm_basis,
+    ARCHITECTURES,
+    UnsupportedModelError,
+    Writer,
+    WriterCheck,
+    find_layers,
+    find_writers,
+    num_layers,
+    post_norm_basis,
     verify_writers,
 )
 from .capture import auto_batch_size, batched, capture_mean, capture_residuals, chat_texts, encode, model_device

@@ -12,8 +12,8 @@ handled raises an error listing the blocks and candidate parameters found.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -90,9 +90,11 @@ class ArchitectureSpec:
 
 _DENSE = {"attn": ("self_attn.o_proj",), "mlp": ("mlp.down_proj",)}
 _SANDWICH = {"self_attn.o_proj": "post_attention_layernorm", "mlp.down_proj": "post_feedforward_layernorm"}
-_SANDWICH_NOTE = ("sandwich norms: o_proj/down_proj outputs pass through an RMSNorm before the residual add, so "
-                  "orthogonalizing the writer against Q does not remove the direction from the stream; plan_ablation "
-                  "orthogonalizes these writers against post_norm_basis (g ⊙ Q) instead, which does")
+_SANDWICH_NOTE = (
+    "sandwich norms: o_proj/down_proj outputs pass through an RMSNorm before the residual add, so "
+    "orthogonalizing the writer against Q does not remove the direction from the stream; plan_ablation "
+    "orthogonalizes these writers against post_norm_basis (g ⊙ Q) instead, which does"
+)
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": ArchitectureSpec(("model.layers",), _DENSE),
@@ -102,35 +104,59 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "phi3": ArchitectureSpec(("model.layers",), _DENSE),
     "gemma": ArchitectureSpec(("model.layers",), _DENSE),
     "gemma2": ArchitectureSpec(("model.layers",), _DENSE, _SANDWICH, notes=_SANDWICH_NOTE),
-    "gemma3_text": ArchitectureSpec(("model.layers", "model.language_model.layers"), _DENSE, _SANDWICH,
-                                    notes=_SANDWICH_NOTE),
-    "gpt2": ArchitectureSpec(("transformer.h",), {"attn": ("attn.c_proj",), "mlp": ("mlp.c_proj",)},
-                             notes="Conv1D weights are stored (in, out): residual axis 1; learned position embedding"),
-    "gpt_neox": ArchitectureSpec(("gpt_neox.layers",), {"attn": ("attention.dense",), "mlp": ("mlp.dense_4h_to_h",)},
-                                 notes="parallel residual: attention and MLP both read the block input"),
-    "mixtral": ArchitectureSpec(("model.layers",), {"attn": ("self_attn.o_proj",), "expert": ("mlp.experts",)},
-                                notes="fused experts: down_proj (E, d, inter)"),
+    "gemma3_text": ArchitectureSpec(
+        ("model.layers", "model.language_model.layers"), _DENSE, _SANDWICH, notes=_SANDWICH_NOTE
+    ),
+    "gpt2": ArchitectureSpec(
+        ("transformer.h",),
+        {"attn": ("attn.c_proj",), "mlp": ("mlp.c_proj",)},
+        notes="Conv1D weights are stored (in, out): residual axis 1; learned position embedding",
+    ),
+    "gpt_neox": ArchitectureSpec(
+        ("gpt_neox.layers",),
+        {"attn": ("attention.dense",), "mlp": ("mlp.dense_4h_to_h",)},
+        notes="parallel residual: attention and MLP both read the block input",
+    ),
+    "mixtral": ArchitectureSpec(
+        ("model.layers",),
+        {"attn": ("self_attn.o_proj",), "expert": ("mlp.experts",)},
+        notes="fused experts: down_proj (E, d, inter)",
+    ),
     "qwen2_moe": ArchitectureSpec(
         ("model.layers",),
-        {"attn": ("self_attn.o_proj",), "mlp": ("mlp.down_proj",),
-         "expert": ("mlp.experts", "mlp.shared_expert.down_proj")},
-        notes="fused experts + a shared expert scaled by a per-token sigmoid gate"),
-    "qwen3_moe": ArchitectureSpec(("model.layers",),
-                                  {"attn": ("self_attn.o_proj",), "mlp": ("mlp.down_proj",), "expert": ("mlp.experts",)}),
-    "gpt_oss": ArchitectureSpec(("model.layers",), {"attn": ("self_attn.o_proj",), "expert": ("mlp.experts",)},
-                                notes="fused experts stored transposed, down_proj (E, inter, d), with down_proj_bias (E, d)"),
+        {
+            "attn": ("self_attn.o_proj",),
+            "mlp": ("mlp.down_proj",),
+            "expert": ("mlp.experts", "mlp.shared_expert.down_proj"),
+        },
+        notes="fused experts + a shared expert scaled by a per-token sigmoid gate",
+    ),
+    "qwen3_moe": ArchitectureSpec(
+        ("model.layers",), {"attn": ("self_attn.o_proj",), "mlp": ("mlp.down_proj",), "expert": ("mlp.experts",)}
+    ),
+    "gpt_oss": ArchitectureSpec(
+        ("model.layers",),
+        {"attn": ("self_attn.o_proj",), "expert": ("mlp.experts",)},
+        notes="fused experts stored transposed, down_proj (E, inter, d), with down_proj_bias (E, d)",
+    ),
     "mamba": ArchitectureSpec(("backbone.layers",), {"ssm": ("mixer.out_proj",)}),
     "mamba2": ArchitectureSpec(("backbone.layers",), {"ssm": ("mixer.out_proj",)}),
     "jamba": ArchitectureSpec(
         ("model.layers",),
-        {"attn": ("self_attn.o_proj",), "ssm": ("mamba.out_proj",), "mlp": ("feed_forward.down_proj",),
-         "expert": ("feed_forward.experts",)},
-        notes="each block: attention or Mamba, then a dense MLP or an MoE"),
+        {
+            "attn": ("self_attn.o_proj",),
+            "ssm": ("mamba.out_proj",),
+            "mlp": ("feed_forward.down_proj",),
+            "expert": ("feed_forward.experts",),
+        },
+        notes="each block: attention or Mamba, then a dense MLP or an MoE",
+    ),
     "falcon_h1": ArchitectureSpec(
         ("model.layers",),
         {"attn": ("self_attn.o_proj",), "ssm": ("mamba.out_proj",), "mlp": ("feed_forward.down_proj",)},
         notes="attention and Mamba run in parallel; outputs scaled by muP multipliers (scalars, so directions hold); "
-              "embedding_multiplier is applied outside the embedding module"),
+        "embedding_multiplier is applied outside the embedding module",
+    ),
     "llava": ArchitectureSpec(("model.language_model.layers", "language_model.model.layers"), text=True),
     "gemma3": ArchitectureSpec(("model.language_model.layers", "language_model.model.layers"), text=True),
 }
@@ -260,8 +286,16 @@ def _residual_axis(module: nn.Module, param: str, d: int) -> int | None:
     return None
 
 
-def _make_writer(module: nn.Module, param: str, axis: int, name: str, layer: int, component: str, source: str,
-                 post_norm: nn.Module | None = None) -> Writer:
+def _make_writer(
+    module: nn.Module,
+    param: str,
+    axis: int,
+    name: str,
+    layer: int,
+    component: str,
+    source: str,
+    post_norm: nn.Module | None = None,
+) -> Writer:
     bias = None
     for candidate in (f"{param}_bias", "bias") if param != "weight" else ("bias",):
         b = getattr(module, candidate, None)
@@ -271,8 +305,16 @@ def _make_writer(module: nn.Module, param: str, axis: int, name: str, layer: int
     return Writer(name, layer, component, module, param, axis, bias, source, post_norm)
 
 
-def _writers_at(block: nn.Module, rel: str, layer: int, d: int, prefix: str, component: str, source: str,
-                post_norm: nn.Module | None = None) -> list[Writer]:
+def _writers_at(
+    block: nn.Module,
+    rel: str,
+    layer: int,
+    d: int,
+    prefix: str,
+    component: str,
+    source: str,
+    post_norm: nn.Module | None = None,
+) -> list[Writer]:
     """Writers at ``block.<rel>``: a Linear/Conv1D, a fused experts module, or a ModuleList of experts."""
     module = get_submodule(block, rel)
     if module is None:
@@ -284,8 +326,17 @@ def _writers_at(block: nn.Module, rel: str, layer: int, d: int, prefix: str, com
             for leaf in ("down_proj", "w2", "fc2"):
                 sub = getattr(expert, leaf, None)
                 if sub is not None and _residual_axis(sub, "weight", d) is not None:
-                    out.append(_make_writer(sub, "weight", _residual_axis(sub, "weight", d), f"{name}.{i}.{leaf}",
-                                            layer, component, source))
+                    out.append(
+                        _make_writer(
+                            sub,
+                            "weight",
+                            _residual_axis(sub, "weight", d),
+                            f"{name}.{i}.{leaf}",
+                            layer,
+                            component,
+                            source,
+                        )
+                    )
         return out
     axis = _residual_axis(module, "weight", d)
     if axis is not None:
@@ -321,8 +372,12 @@ def _guess_component(rel: str) -> str:
         return "ssm"
     if any(k in parent for k in ("attn", "attention")):
         return "attn"
-    if any(k in parent for k in ("mlp", "ffn", "feed_forward", "ff")) or leaf in ("down_proj", "fc2", "w2",
-                                                                                   "dense_4h_to_h"):
+    if any(k in parent for k in ("mlp", "ffn", "feed_forward", "ff")) or leaf in (
+        "down_proj",
+        "fc2",
+        "w2",
+        "dense_4h_to_h",
+    ):
         return "mlp"
     return "attn"
 
@@ -337,8 +392,11 @@ def _structural_writers(block: nn.Module, layer: int, d: int, prefix: str) -> li
             continue
         axis = _residual_axis(module, "weight", d)
         if axis is not None:
-            out.append(_make_writer(module, "weight", axis, f"{prefix}.{layer}.{rel}", layer, _guess_component(rel),
-                                    "structural"))
+            out.append(
+                _make_writer(
+                    module, "weight", axis, f"{prefix}.{layer}.{rel}", layer, _guess_component(rel), "structural"
+                )
+            )
     return out
 
 
@@ -421,8 +479,9 @@ def norm_gain(norm: nn.Module, d: int) -> torch.Tensor:
     """The per-coordinate gain ``g [d]`` of an RMSNorm-like module (``norm(x) = g ⊙ x / rms(x)``), read off by
     applying it to a vector of ones (float32); the overall scale does not matter to the callers."""
     p = next(norm.parameters(), None)
-    ones = torch.ones(1, d, dtype=p.dtype if p is not None else torch.float32,
-                      device=p.device if p is not None else None)
+    ones = torch.ones(
+        1, d, dtype=p.dtype if p is not None else torch.float32, device=p.device if p is not None else None
+    )
     with torch.no_grad():
         return norm(ones)[0].float().cpu()
 
@@ -446,7 +505,8 @@ def _check_rms_like(writer: Writer, g: torch.Tensor, d: int) -> None:
         raise UnsupportedModelError(
             f"{writer.name}: its post-norm {type(norm).__name__} is not of the form g ⊙ x / rms(x) (relative deviation "
             f"{err:.3g}; a bias or mean subtraction?), so no weight edit of the writer removes the direction from the "
-            f"residual stream exactly; edit without this writer (components=...) or use hook-based ablation")
+            f"residual stream exactly; edit without this writer (components=...) or use hook-based ablation"
+        )
 
 
 def post_norm_basis(writer: Writer, Q: torch.Tensor) -> torch.Tensor:
@@ -499,8 +559,10 @@ class WriterCheck:
         return self.kind in ("direct", "scaled", "gated")
 
     def __repr__(self) -> str:
-        return (f"WriterCheck({self.writer.name}: {self.kind}, gain={self.gain:.4g}, spread={self.gain_spread:.2g}, "
-                f"off_axis={self.off_axis:.2g})")
+        return (
+            f"WriterCheck({self.writer.name}: {self.kind}, gain={self.gain:.4g}, spread={self.gain_spread:.2g}, "
+            f"off_axis={self.off_axis:.2g})"
+        )
 
 
 class _Stop(Exception):
@@ -563,8 +625,11 @@ def verify_writers(
 
     def run(inject: Writer | None, baseline: dict | None, record: dict):
         handles = []
-        target = layers[0] if inject is not None and inject.layer < 0 else (
-            layers[inject.layer] if inject is not None else None)
+        target = (
+            layers[0]
+            if inject is not None and inject.layer < 0
+            else (layers[inject.layer] if inject is not None else None)
+        )
 
         def capture_root(key):
             def hook(module, args, output):
@@ -572,6 +637,7 @@ def verify_writers(
                     record[key] = output
                 elif key in baseline:
                     return baseline[key]
+
             return hook
 
         def capture_block(index):
@@ -579,6 +645,7 @@ def verify_writers(
                 record[("out", index)] = block_output_tensor(output).float().clone()
                 if inject is not None:
                     raise _Stop
+
             return hook
 
         def capture_input(module, args, kwargs):
@@ -593,8 +660,9 @@ def verify_writers(
                 if inject is None or inject.layer == index:
                     handles.append(block.register_forward_hook(capture_block(index), with_kwargs=True))
                     for name, root in roots.get(index, {}).items():
-                        if inject is None or root is not getattr(block, _sublayer_name(block, inject.module) or "",
-                                                                None):
+                        if inject is None or root is not getattr(
+                            block, _sublayer_name(block, inject.module) or "", None
+                        ):
                             handles.append(root.register_forward_hook(capture_root((index, name))))
                     # Also pin the other writers themselves, for blocks that call into a sublayer's children
                     # without calling the sublayer module.
@@ -626,7 +694,9 @@ def verify_writers(
 
     checks = []
     for w in writers:
-        pinned = {k: v for k, v in base.items() if isinstance(k, tuple) and k[0] == w.layer and k[1] not in ("in", "out")}
+        pinned = {
+            k: v for k, v in base.items() if isinstance(k, tuple) and k[0] == w.layer and k[1] not in ("in", "out")
+        }
         rec: dict = {}
         run(w, pinned, rec)
         key = ("in", 0) if w.layer < 0 else ("out", w.layer)

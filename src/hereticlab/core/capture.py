@@ -8,8 +8,8 @@ the deepest requested layer (the rest of the network and the LM head never run).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -77,7 +77,9 @@ def _normalize_layers(model: nn.Module, layers: Sequence[int] | None) -> list[in
 
 
 @contextmanager
-def residual_hooks(model: nn.Module, layers: Sequence[int], on_residual: Callable[[int, torch.Tensor], None], stop_early: bool = True):
+def residual_hooks(
+    model: nn.Module, layers: Sequence[int], on_residual: Callable[[int, torch.Tensor], None], stop_early: bool = True
+):
     """Call ``on_residual(index, hidden[batch, seq, d])`` for each requested residual index during a forward.
 
     With ``stop_early`` the forward is aborted after the deepest requested index (catch ``_StopForward``).

@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -33,18 +34,21 @@ class CompatibilityWarning(UserWarning):
 
 def warn_fallback(what: str, detail: str) -> None:
     """One line naming the installed transformers, what was switched off, and why."""
-    warnings.warn(f"hereticlab: {what} disabled on transformers {TRANSFORMERS_VERSION} ({detail}); using the plain "
-                  f"path, results stay exact but slower. Install the locked versions (make setup) to get it back.",
-                  CompatibilityWarning, stacklevel=3)
+    warnings.warn(
+        f"hereticlab: {what} disabled on transformers {TRANSFORMERS_VERSION} ({detail}); using the plain "
+        f"path, results stay exact but slower. Install the locked versions (make setup) to get it back.",
+        CompatibilityWarning,
+        stacklevel=3,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword_of(cls: type) -> str | None:
     params = inspect.signature(cls.forward).parameters
     return next((name for name in CACHE_NAMES if name in params), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _release_cache_keyword() -> str:
     """The name this release's own models use (read off Llama, which every release ships)."""
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
@@ -124,8 +128,14 @@ def write_layer(cache: Cache, keys: torch.Tensor, values: torch.Tensor, layer: i
     cache.update(keys, values, layer)
 
 
-def forward(model: nn.Module, inputs: dict[str, torch.Tensor], *, cache: Cache | None = None, use_cache: bool = False,
-            last: int | None = 1) -> tuple[torch.Tensor, Cache | None]:
+def forward(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    cache: Cache | None = None,
+    use_cache: bool = False,
+    last: int | None = 1,
+) -> tuple[torch.Tensor, Cache | None]:
     """One forward pass: ``(logits [B, last or T, V], cache or None)``.
 
     ``last``: compute logits only at the last ``last`` positions (``logits_to_keep``); ``None`` for every position.
@@ -146,14 +156,22 @@ def check_cache_offsets(model: nn.Module, blocks: Sequence[nn.Module]) -> bool:
         return known
     seen: list[int] = []
     handle = blocks[0].register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(cached_length(cache_in_call(args, kwargs), 0)), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(cached_length(cache_in_call(args, kwargs), 0)), with_kwargs=True
+    )
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             ids = torch.ones(1, 3, dtype=torch.long, device=device)
             _, cache = forward(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True)
-            forward(model, {"input_ids": ids[:, :1], "attention_mask": torch.ones(1, 4, dtype=torch.long, device=device),
-                            "position_ids": torch.tensor([[3]], device=device)}, cache=cache)
+            forward(
+                model,
+                {
+                    "input_ids": ids[:, :1],
+                    "attention_mask": torch.ones(1, 4, dtype=torch.long, device=device),
+                    "position_ids": torch.tensor([[3]], device=device),
+                },
+                cache=cache,
+            )
         ok = seen == [0, 3]
     except Exception as exc:  # a renamed internal can also make the probe itself fail
         seen.append(f"{type(exc).__name__}")  # type: ignore[arg-type]
@@ -161,7 +179,9 @@ def check_cache_offsets(model: nn.Module, blocks: Sequence[nn.Module]) -> bool:
     finally:
         handle.remove()
     if not ok:
-        warn_fallback("reading the KV-cache position inside blocks", f"block 0 saw offsets {seen}, expected [0, 3]; "
-                      "steering positions now follow the attention mask's length")
+        warn_fallback(
+            "reading the KV-cache position inside blocks",
+            f"block 0 saw offsets {seen}, expected [0, 3]; steering positions now follow the attention mask's length",
+        )
     model._hereticlab_cache_offsets_ok = ok
     return ok

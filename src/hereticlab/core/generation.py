@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -95,9 +95,9 @@ def generate(
     device = model_device(model)
     eos = eos_token_ids(model, tokenizer)
     responses = []
-    for chunk in tqdm(list(batched(texts, batch_size or auto_batch_size(model))), desc="generate", disable=not progress, leave=False):
+    for chunk in tqdm(
+        list(batched(texts, batch_size or auto_batch_size(model))), desc="generate", disable=not progress, leave=False
+    ):
         tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)
         responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
     return responses
-
-

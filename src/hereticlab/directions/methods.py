@@ -16,7 +16,7 @@ search can pick the method and the rank by name (``compute_directions("svd", bad
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -105,7 +105,9 @@ def _raw_from_unit(unit: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     return unit * (unit * diff).sum(-1, keepdim=True)
 
 
-def _as_directions(unit: torch.Tensor, bad_mean: torch.Tensor, good_mean: torch.Tensor, method: str, **meta) -> Directions:
+def _as_directions(
+    unit: torch.Tensor, bad_mean: torch.Tensor, good_mean: torch.Tensor, method: str, **meta
+) -> Directions:
     """``unit [L, k, d]`` orthonormal rows → rank-1 raw ``[L, d]`` (k = 1) or rank-k bases ``[L, k, d]``."""
     diff = bad_mean - good_mean
     vectors = _raw_from_unit(unit[:, 0], diff) if unit.shape[1] == 1 else unit
@@ -124,7 +126,9 @@ def _orthonormal_rows(vectors: torch.Tensor) -> torch.Tensor:
 
 def _rank_one_only(name: str, rank: int):
     if rank != 1:
-        raise ValueError(f"{name} gives one direction per layer (rank 1); for rank {rank} use 'svd', 'pca_pairs' or 'cluster'")
+        raise ValueError(
+            f"{name} gives one direction per layer (rank 1); for rank {rank} use 'svd', 'pca_pairs' or 'cluster'"
+        )
 
 
 def mean_difference_method(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw) -> Directions:
@@ -139,7 +143,9 @@ def projected_method(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **
     return mean_difference(bad, good, project=True)
 
 
-def median_difference(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, iters: int = 100, eps: float = 1e-8) -> Directions:
+def median_difference(
+    bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, iters: int = 100, eps: float = 1e-8
+) -> Directions:
     """``r* = gmedian(bad) − gmedian(good)`` per layer: a difference of geometric medians, robust to outliers.
 
     ``good_mean`` / ``bad_mean`` keep the arithmetic means (for projection); the medians go to ``meta`` norms only.
@@ -152,7 +158,10 @@ def median_difference(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, i
     mean_r = bad.double().mean(0) - good.double().mean(0)
     cos = (normalize(r) * normalize(mean_r)).sum(-1)
     return Directions(
-        r.float(), method="median", good_mean=good.double().mean(0).float(), bad_mean=bad.double().mean(0).float(),
+        r.float(),
+        method="median",
+        good_mean=good.double().mean(0).float(),
+        bad_mean=bad.double().mean(0).float(),
         meta={"n_bad": bad.shape[0], "n_good": good.shape[0], "cos_to_mean_difference": cos.tolist()},
     )
 
@@ -171,8 +180,16 @@ def svd_subspace(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1) -> Dir
         vh, s = top_singular_vectors(diffs[:, layer], rank)
         units.append(orient(vh, bad_mean[layer] - good_mean[layer]))
         values.append(s.tolist())
-    return _as_directions(torch.stack(units), bad_mean, good_mean, "svd", rank=rank, singular_values=values,
-                          n_bad=bad.shape[0], n_good=good.shape[0])
+    return _as_directions(
+        torch.stack(units),
+        bad_mean,
+        good_mean,
+        "svd",
+        rank=rank,
+        singular_values=values,
+        n_bad=bad.shape[0],
+        n_good=good.shape[0],
+    )
 
 
 def pca_pairs(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, seed: int = 0) -> Directions:
@@ -197,8 +214,16 @@ def pca_pairs(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, seed: int
         total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
         units.append(orient(vh, bad_mean[layer] - good_mean[layer]))
         ratios.append((s**2 / total).tolist())
-    return _as_directions(torch.stack(units), bad_mean, good_mean, "pca_pairs", rank=rank, seed=seed,
-                          explained_variance_ratio=ratios, n_pairs=n)
+    return _as_directions(
+        torch.stack(units),
+        bad_mean,
+        good_mean,
+        "pca_pairs",
+        rank=rank,
+        seed=seed,
+        explained_variance_ratio=ratios,
+        n_pairs=n,
+    )
 
 
 def probe_direction(
@@ -246,9 +271,20 @@ def probe_direction(
         train_acc[layer] = float(clf.score(xtr, y[idx_train]))
     cos = (units * normalize(diff)).sum(-1)
     return Directions(
-        _raw_from_unit(units, diff).float(), method="probe", good_mean=good_mean.float(), bad_mean=bad_mean.float(),
-        meta={"probe_accuracy": acc, "probe_train_accuracy": train_acc, "C": C, "test_fraction": test_fraction,
-              "seed": seed, "cos_to_mean_difference": cos.tolist(), "n_bad": bad.shape[0], "n_good": good.shape[0]},
+        _raw_from_unit(units, diff).float(),
+        method="probe",
+        good_mean=good_mean.float(),
+        bad_mean=bad_mean.float(),
+        meta={
+            "probe_accuracy": acc,
+            "probe_train_accuracy": train_acc,
+            "C": C,
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "cos_to_mean_difference": cos.tolist(),
+            "n_bad": bad.shape[0],
+            "n_good": good.shape[0],
+        },
     )
 
 
@@ -258,10 +294,14 @@ def probe_accuracy_frame(directions: Directions) -> pd.DataFrame:
     if "probe_accuracy" not in meta:
         raise ValueError(f"{directions!r} has no probe accuracies; build it with probe_direction")
     n = len(meta["probe_accuracy"])
-    return pd.DataFrame({
-        "layer": range(n), "accuracy": meta["probe_accuracy"], "train_accuracy": meta["probe_train_accuracy"],
-        "cos_to_mean_difference": meta.get("cos_to_mean_difference", [float("nan")] * n),
-    })
+    return pd.DataFrame(
+        {
+            "layer": range(n),
+            "accuracy": meta["probe_accuracy"],
+            "train_accuracy": meta["probe_train_accuracy"],
+            "cos_to_mean_difference": meta.get("cos_to_mean_difference", [float("nan")] * n),
+        }
+    )
 
 
 class PoorClustersError(ValueError):
@@ -319,13 +359,21 @@ def cluster_directions(
     sizes = np.bincount(labels, minlength=k)
     order = np.argsort(-sizes, kind="stable")[:rank]
     good_mean, bad_mean = good.double().mean(0), bad.double().mean(0)
-    raw = torch.stack([bad.double()[torch.from_numpy(labels == c)].mean(0) - good_mean for c in order], dim=1)  # [L, rank, d]
+    raw = torch.stack(
+        [bad.double()[torch.from_numpy(labels == c)].mean(0) - good_mean for c in order], dim=1
+    )  # [L, rank, d]
     at = normalize(raw[layer])
     poor = sil < min_silhouette
     meta = {
-        "silhouette": sil, "cluster_sizes": sizes[order].tolist(), "all_cluster_sizes": sizes.tolist(),
-        "n_clusters": k, "cluster_layer": layer, "cluster_cosines": (at @ at.T).tolist(), "seed": seed,
-        "poor_silhouette": bool(poor), "min_silhouette": min_silhouette,
+        "silhouette": sil,
+        "cluster_sizes": sizes[order].tolist(),
+        "all_cluster_sizes": sizes.tolist(),
+        "n_clusters": k,
+        "cluster_layer": layer,
+        "cluster_cosines": (at @ at.T).tolist(),
+        "seed": seed,
+        "poor_silhouette": bool(poor),
+        "min_silhouette": min_silhouette,
     }
     if poor:
         message = (
@@ -337,7 +385,9 @@ def cluster_directions(
             raise PoorClustersError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
     vectors = raw[:, 0] if rank == 1 else _orthonormal_rows(raw)
-    return Directions(vectors.float(), method="cluster", good_mean=good_mean.float(), bad_mean=bad_mean.float(), meta=meta)
+    return Directions(
+        vectors.float(), method="cluster", good_mean=good_mean.float(), bad_mean=bad_mean.float(), meta=meta
+    )
 
 
 DirectionMethod = Callable[..., Directions]

@@ -13,8 +13,8 @@ in the eigenbasis and AND/OR only need one symmetric inverse on a well-condition
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -57,13 +57,13 @@ class Conceptor:
     def __repr__(self) -> str:
         return f"Conceptor(d={self.dim}, aperture={self.aperture}, quota={self.quota:.3f})"
 
-    def __invert__(self) -> "Conceptor":
+    def __invert__(self) -> Conceptor:
         return NOT(self)
 
-    def __and__(self, other: "Conceptor") -> "Conceptor":
+    def __and__(self, other: Conceptor) -> Conceptor:
         return AND(self, other)
 
-    def __or__(self, other: "Conceptor") -> "Conceptor":
+    def __or__(self, other: Conceptor) -> Conceptor:
         return OR(self, other)
 
     def apply(self, h: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -77,11 +77,13 @@ class Conceptor:
             return (mu + beta * (((x - mu) @ u) * s) @ u.T).to(h.dtype)
         return (beta * ((x @ u) * s) @ u.T).to(h.dtype)
 
-    def with_aperture(self, aperture: float) -> "Conceptor":
+    def with_aperture(self, aperture: float) -> Conceptor:
         """The conceptor of the same correlation matrix at another aperture (needs ``meta['eigenvalues']``)."""
         lam = self.meta.get("eigenvalues")
         if lam is None:
-            raise ValueError("this conceptor does not carry its correlation eigenvalues; build it with compute_conceptor")
+            raise ValueError(
+                "this conceptor does not carry its correlation eigenvalues; build it with compute_conceptor"
+            )
         return Conceptor(self.U, eigen_to_conceptor(lam, aperture), aperture, self.mean, dict(self.meta))
 
 
@@ -106,7 +108,7 @@ def correlation_matrix(X: torch.Tensor) -> torch.Tensor:
 def eigen_to_conceptor(lam: torch.Tensor, aperture: float) -> torch.Tensor:
     """``s = λ / (λ + α⁻²)`` with negative round-off in ``λ`` clipped to 0."""
     lam = lam.double().clamp_min(0)
-    return lam / (lam + aperture ** -2)
+    return lam / (lam + aperture**-2)
 
 
 def compute_conceptor(X: torch.Tensor, aperture: float = 10.0, *, center: bool = False) -> Conceptor:
@@ -121,8 +123,9 @@ def compute_conceptor(X: torch.Tensor, aperture: float = 10.0, *, center: bool =
     R = correlation_matrix(X - mean if center else X)
     lam, U = torch.linalg.eigh(R)
     lam = lam.clamp_min(0)
-    return Conceptor(U, eigen_to_conceptor(lam, aperture), aperture, mean,
-                     {"eigenvalues": lam, "n": X.shape[0], "centered": center})
+    return Conceptor(
+        U, eigen_to_conceptor(lam, aperture), aperture, mean, {"eigenvalues": lam, "n": X.shape[0], "centered": center}
+    )
 
 
 def NOT(c: Conceptor) -> Conceptor:
@@ -158,7 +161,9 @@ def AND(c: Conceptor, b: Conceptor, *, tol: float = DEFAULT_TOL) -> Conceptor:
         rank = int((sv > 1e-10).sum())
         P = u[:, rank:]
     if P.shape[1] == 0:
-        return Conceptor(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), None, None, {"op": "and"})
+        return Conceptor(
+            torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), None, None, {"op": "and"}
+        )
     Uc, sc = _range_basis(c, tol)
     Ub, sb = _range_basis(b, tol)
     Pc, Pb = P.T @ Uc, P.T @ Ub  # coordinates of the eigenvectors in the subspace
@@ -170,7 +175,7 @@ def AND(c: Conceptor, b: Conceptor, *, tol: float = DEFAULT_TOL) -> Conceptor:
     # Complete the basis with the orthogonal complement (eigenvalue 0).
     if P.shape[1] < d:
         u, _, _ = torch.linalg.svd(P, full_matrices=True)
-        U = torch.cat([U_in, u[:, P.shape[1]:]], dim=1)
+        U = torch.cat([U_in, u[:, P.shape[1] :]], dim=1)
         s = torch.cat([inv_vals, torch.zeros(d - P.shape[1], dtype=torch.float64)])
     else:
         U, s = U_in, inv_vals
@@ -195,10 +200,16 @@ def aperture_sweep(X: torch.Tensor, apertures: Sequence[float], *, center: bool 
     rows = []
     for a in apertures:
         s = eigen_to_conceptor(lam, a)
-        rows.append({
-            "aperture": float(a), "quota": float(s.mean()), "max_eig": float(s.max()), "median_eig": float(s.median()),
-            "effective_rank": float(s.sum()), "energy_kept": float(((coords * s) ** 2).sum() / energy.clamp_min(1e-30)),
-        })
+        rows.append(
+            {
+                "aperture": float(a),
+                "quota": float(s.mean()),
+                "max_eig": float(s.max()),
+                "median_eig": float(s.median()),
+                "effective_rank": float(s.sum()),
+                "energy_kept": float(((coords * s) ** 2).sum() / energy.clamp_min(1e-30)),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -7,8 +7,8 @@ and back. ``Q [d, k]`` has orthonormal columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,7 +69,9 @@ def project_vector(b: torch.Tensor, Q: torch.Tensor, strength: float = 1.0) -> t
     return (b.to(work) - strength * q @ (q.T @ b.to(work))).to(b.dtype)
 
 
-def edit_weight(weight: torch.Tensor, residual_axis: int, Q: torch.Tensor, strength: float, norm: str = "none") -> torch.Tensor:
+def edit_weight(
+    weight: torch.Tensor, residual_axis: int, Q: torch.Tensor, strength: float, norm: str = "none"
+) -> torch.Tensor:
     """Apply ``orthogonalize`` to a weight whose residual axis is ``residual_axis``."""
     edited = orthogonalize(weight.movedim(residual_axis, -2), Q, strength, norm)
     return edited.movedim(-2, residual_axis)
@@ -142,7 +144,8 @@ def plan_ablation(
     if isinstance(strength, Mapping):
         components = tuple(c for c in components if c in strength) or tuple(strength)
     components = tuple(components) + tuple(
-        alias for alias, base in COMPONENT_ALIASES.items() if base in components and alias not in components)
+        alias for alias, base in COMPONENT_ALIASES.items() if base in components and alias not in components
+    )
     writers = list(writers) if writers is not None else find_writers(model, components)
     n_layers = len(find_layers(model))
     shared = None if isinstance(direction, Directions) else _as_basis(direction)
@@ -216,7 +219,7 @@ class EditHandle:
         self._params: list[torch.Tensor] = []
         self.active = False
 
-    def _apply(self) -> "EditHandle":
+    def _apply(self) -> EditHandle:
         touched: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for edit in self.edits:
@@ -231,7 +234,8 @@ class EditHandle:
             for edit in self.edits:
                 w, b = edit.writer.weight, edit.writer.bias_tensor
                 steps.setdefault(id(w), []).append(
-                    lambda x, e=edit: edit_weight(x, e.writer.residual_axis, e.basis, e.strength, e.norm))
+                    lambda x, e=edit: edit_weight(x, e.writer.residual_axis, e.basis, e.strength, e.norm)
+                )
                 if b is not None:
                     steps.setdefault(id(b), []).append(lambda x, e=edit: project_vector(x, e.basis, e.strength))
             for key, chain in steps.items():
@@ -256,7 +260,7 @@ class EditHandle:
         if self._own_backup:
             self._backup = WeightBackup()
 
-    def __enter__(self) -> "EditHandle":
+    def __enter__(self) -> EditHandle:
         return self
 
     def __exit__(self, *exc) -> None:

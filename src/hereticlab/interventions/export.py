@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -62,8 +62,9 @@ def _check_lora_writer(writer) -> None:
         raise ExportError(f"{writer.name} has a bias, which a LoRA adapter cannot edit; export merged weights instead")
 
 
-def lora_factors(model: nn.Module, edits: Sequence[WriterEdit], rank: int | None = None, *,
-                 exact: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(
+    model: nn.Module, edits: Sequence[WriterEdit], rank: int | None = None, *, exact: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Low-rank factors ``(A [r, in], B [out, r])`` with ``B @ A = W_edited − W`` for each edited ``nn.Linear``.
 
     Plain edits (``norm="none"``, one edit per module) are factorized exactly as ``B = −λ Q``, ``A = Qᵀ W``.
@@ -128,8 +129,9 @@ def attach_lora(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.T
     from peft import LoraConfig, get_peft_model
 
     rank = max(A.shape[0] for A, _ in factors.values())
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=sorted(factors), lora_dropout=0.0, bias="none", init_lora_weights=False
+    )
     peft_model = get_peft_model(model, config)
     try:
         set_lora_factors(peft_model, factors)  # raises if a factor's module got no adapter
@@ -147,8 +149,11 @@ def set_lora_factors(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Te
     anything is written: dropping it would silently apply an incomplete edit.
     """
     modules = dict(peft_model.base_model.model.named_modules())
-    adapters = {name: module for name, module in modules.items()
-                if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})}
+    adapters = {
+        name: module
+        for name, module in modules.items()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
     missing = sorted(set(factors) - set(adapters))
     if missing:
         hint = "it is not a module of the model" if missing[0] not in modules else "the module has no LoRA adapter"
@@ -160,8 +165,12 @@ def set_lora_factors(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Te
     for name, (A, B) in factors.items():
         module = adapters[name]
         lora_A, lora_B = module.lora_A["default"].weight, module.lora_B["default"].weight
-        if A.shape[0] > lora_A.shape[0] or A.shape[1] != lora_A.shape[1] or B.shape[0] != lora_B.shape[0] \
-                or B.shape[1] != A.shape[0]:
+        if (
+            A.shape[0] > lora_A.shape[0]
+            or A.shape[1] != lora_A.shape[1]
+            or B.shape[0] != lora_B.shape[0]
+            or B.shape[1] != A.shape[0]
+        ):
             raise ExportError(
                 f"LoRA factor {name!r} has A {tuple(A.shape)}, B {tuple(B.shape)}; its adapter holds A "
                 f"{tuple(lora_A.shape)}, B {tuple(lora_B.shape)} (rank {lora_A.shape[0]})"
@@ -177,8 +186,14 @@ def set_lora_factors(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Te
                 lora_B[:, : B.shape[1]].copy_(B)
 
 
-def save_adapter(model: nn.Module, edits: Sequence[WriterEdit], folder: str | Path, *, base_model: str | None = None,
-                 rank: int | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    edits: Sequence[WriterEdit],
+    folder: str | Path,
+    *,
+    base_model: str | None = None,
+    rank: int | None = None,
+) -> Path:
     """Save the edit as a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     The model is unwrapped again afterwards, unchanged.

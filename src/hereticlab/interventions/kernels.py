@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def tent_kernel(n_layers: int, peak: float, max_weight: float, min_weight: float = 0.0, reach: float = 1.0) -> torch.Tensor:
+def tent_kernel(
+    n_layers: int, peak: float, max_weight: float, min_weight: float = 0.0, reach: float = 1.0
+) -> torch.Tensor:
     """Heretic's layer kernel: ``max_weight`` at ``peak``, falling linearly to ``min_weight`` at distance
     ``reach``, zero beyond. ``λ_l = w_max + (|l − peak| / reach)(w_min − w_max)`` for ``|l − peak| ≤ reach``.
     """

@@ -12,8 +12,8 @@ so. Only that error path is tested here (no GPU in CI).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -47,8 +47,9 @@ def load_quantized(
     source = resolve_model_source(name_or_path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type=quant_type)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map={"": 0},
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=config, device_map={"": 0}, trust_remote_code=trust_remote_code
+    )
     model.eval().requires_grad_(False)
     model.hereticlab_source = name_or_path
     return model, tokenizer
@@ -77,7 +78,9 @@ def lora_ablation(model: nn.Module, edits: Sequence, *, adapter_name: str = "her
     names, ranks = [], set()
     for edit in edits:
         if edit.norm != "none":
-            raise ValueError("a LoRA adapter represents norm='none' edits exactly; norm-preserving edits are not low rank")
+            raise ValueError(
+                "a LoRA adapter represents norm='none' edits exactly; norm-preserving edits are not low rank"
+            )
         if edit.writer.param != "weight" or edit.writer.residual_axis != 0:
             raise ValueError(f"{edit.writer.name}: only nn.Linear writers go through the adapter; use apply_edits")
         if getattr(edit.writer.module, "bias", None) is not None:

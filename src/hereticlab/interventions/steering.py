@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, ContextManager, Sequence, Union
+from typing import ContextManager, Union
 
 import pandas as pd
 import torch
@@ -20,10 +21,18 @@ from tqdm.auto import tqdm
 
 from ..core import compat
 from ..core.architecture import block_output_tensor, find_layers, find_writers, replace_block_output
-from ..core.capture import _normalize_layers, _StopForward, auto_batch_size, batched, capture_residuals, model_device, residual_hooks
-from ..directions.base import Directions, mean_difference, orthonormal_basis
+from ..core.capture import (
+    _normalize_layers,
+    _StopForward,
+    auto_batch_size,
+    batched,
+    capture_residuals,
+    model_device,
+    residual_hooks,
+)
 from ..core.generation import generate
 from ..core.prompts import format_chat
+from ..directions.base import Directions, mean_difference, orthonormal_basis
 
 
 def _remove_projection(x: torch.Tensor, q: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -84,8 +93,9 @@ def ablation_hooks(
             if writer.layer not in chosen:
                 continue
             block = blocks[writer.layer]
-            name = next((n for n, child in block.named_children()
-                         if any(m is writer.module for m in child.modules())), None)
+            name = next(
+                (n for n, child in block.named_children() if any(m is writer.module for m in child.modules())), None
+            )
             module = getattr(block, name) if name is not None else writer.module
             if id(module) in hooked:
                 continue
@@ -95,6 +105,7 @@ def ablation_hooks(
     finally:
         for handle in handles:
             handle.remove()
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Position masks and residual hooks at block inputs
@@ -134,7 +145,9 @@ def position_mask(
         if positions == "all":
             return None
         if positions not in ("prompt", "response", "last_prompt"):
-            raise ValueError(f"positions must be 'all', 'prompt', 'response', 'last_prompt', a slice or a callable; got {positions!r}")
+            raise ValueError(
+                f"positions must be 'all', 'prompt', 'response', 'last_prompt', a slice or a callable; got {positions!r}"
+            )
         absolute = torch.arange(offset, offset + seq, device=device)
         if positions == "last_prompt":
             if prompt_length is None:
@@ -197,16 +210,19 @@ def residual_input_hooks(
         mask = kwargs.get("attention_mask")
         call["offset"] = 0 if mask is None or ids is None else mask.shape[-1] - ids.shape[-1]
         if mask is None and compat.cache_in_call((), kwargs) is not None:
-            raise RuntimeError("position-dependent steering with a KV cache needs an attention_mask on this "
-                               f"transformers release ({compat.TRANSFORMERS_VERSION}); pass one, or install the locked versions")
+            raise RuntimeError(
+                "position-dependent steering with a KV cache needs an attention_mask on this "
+                f"transformers release ({compat.TRANSFORMERS_VERSION}); pass one, or install the locked versions"
+            )
 
     def make_hook(index: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             batch, seq = hidden.shape[:2]
             offset = _cache_offset(kwargs, index) if from_cache else call["offset"]
-            mask = position_mask(positions, batch=batch, seq=seq, offset=offset,
-                                 prompt_length=prompt_length, device=hidden.device)
+            mask = position_mask(
+                positions, batch=batch, seq=seq, offset=offset, prompt_length=prompt_length, device=hidden.device
+            )
             new = transform(index, hidden)
             if mask is not None:
                 new = torch.where(mask[..., None], new, hidden)
@@ -424,12 +440,17 @@ def reading_vector(positive: torch.Tensor, negative: torch.Tensor, *, seed: int 
         vectors.append(v * proj)
         explained.append(float(s[0] ** 2 / (s**2).sum().clamp_min(1e-30)))
     return Directions(
-        torch.stack(vectors).float(), method="reading_vector", good_mean=_check.good_mean, bad_mean=_check.bad_mean,
+        torch.stack(vectors).float(),
+        method="reading_vector",
+        good_mean=_check.good_mean,
+        bad_mean=_check.bad_mean,
         meta={"n_pairs": diffs.shape[0], "seed": seed, "explained": explained},
     )
 
 
-def reading_score(activations: torch.Tensor, directions: Directions, layer: int, *, center: torch.Tensor | None = None) -> torch.Tensor:
+def reading_score(
+    activations: torch.Tensor, directions: Directions, layer: int, *, center: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(h − μ) · v̂`` at residual ``layer``; ``activations`` ``[n, d]`` (already at that layer) or ``[n, layer, d]``.
 
     ``μ``: ``center`` if given, else the midpoint of the directions' class means (zero if unknown).
@@ -473,8 +494,15 @@ def intervention_sweep(
     rows = []
     for params in tqdm(list(grid), desc="sweep", disable=not progress, leave=False):
         with make(**params):
-            responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 progress=False, **chat_kwargs)
+            responses = generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=False,
+                **chat_kwargs,
+            )
         for prompt, response in zip(prompts, responses):
             rows.append({**params, "prompt": prompt, "response": response, "score": float(scorer(response))})
     frame = pd.DataFrame(rows)
@@ -503,9 +531,18 @@ def steering_sweep(
     def make(layer, alpha):
         return activation_addition(model, vector, layer=layer, alpha=alpha, positions=positions)
 
-    return intervention_sweep(model, tokenizer, prompts, make, {"layer": list(layers), "alpha": list(alphas)},
-                              scorer=scorer, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                              **chat_kwargs)
+    return intervention_sweep(
+        model,
+        tokenizer,
+        prompts,
+        make,
+        {"layer": list(layers), "alpha": list(alphas)},
+        scorer=scorer,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        **chat_kwargs,
+    )
 
 
 def random_vector_like(vector: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -5,18 +5,44 @@ direction selection, residual geometry, and persona vectors with their judges.""
 from .behaviours import BEHAVIOURS, Behaviour, get_behaviour
 from .depth import per_position_kl, prefill_refusal, response_nll
 from .detectors import (
-    DetectionResult, Detector, EnsembleDetector, KeywordDetector, SelfJudgeDetector, SemanticDetector,
-    evaluate_detectors, load_labelled,
+    DetectionResult,
+    Detector,
+    EnsembleDetector,
+    KeywordDetector,
+    SelfJudgeDetector,
+    SemanticDetector,
+    evaluate_detectors,
+    load_labelled,
 )
 from .geometry import (
-    Projection, clear_projection_cache, geometry_table, project_layers, style_geometry_table, weiszfeld_median,
+    Projection,
+    clear_projection_cache,
+    geometry_table,
+    project_layers,
+    style_geometry_table,
+    weiszfeld_median,
 )
 from .metrics import MarkerDetector, first_token_logprobs, kl_divergence, kl_from_logprobs, normalize_text, refusal_rate
 from .persona import (
-    EmbeddingJudge, KeywordJudge, PersonaResult, SelfJudge, TraitSpec, available_traits, build_trait,
-    extract_persona_vector, load_trait, monitor_projection, projection_difference,
+    EmbeddingJudge,
+    KeywordJudge,
+    PersonaResult,
+    SelfJudge,
+    TraitSpec,
+    available_traits,
+    build_trait,
+    extract_persona_vector,
+    load_trait,
+    monitor_projection,
+    projection_difference,
 )
 from .selection import (
-    Selection, choose_candidate, evaluate_direction, plot_candidates, refusal_metric, refusal_token_ids,
-    score_candidates, select_direction,
+    Selection,
+    choose_candidate,
+    evaluate_direction,
+    plot_candidates,
+    refusal_metric,
+    refusal_token_ids,
+    score_candidates,
+    select_direction,
 )

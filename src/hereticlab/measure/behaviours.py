@@ -39,13 +39,13 @@ Build your own with ``Behaviour(...)`` and ``register(behaviour)``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
+from ..core.prompts import PromptError, PromptSet, _bundled_prompt_dirs, load_prompts
 from .detectors import KeywordDetector, answer_text, prepare_response
 from .metrics import normalize_text
-from ..core.prompts import PromptError, PromptSet, _bundled_prompt_dirs, load_prompts
 
 Scorer = Callable[[Sequence[str]], list[float]]
 Decider = Callable[[Sequence[str]], list[bool]]
@@ -122,7 +122,9 @@ class PhraseScorer:
     def decided(self, texts: Sequence[str]) -> list[bool]:
         """``present`` counted outside reasoning blocks only: stays True whatever is generated next."""
         pattern = self.pattern
-        return [pattern is not None and len(pattern.findall(normalize_text(answer_text(t)))) >= self.min_hits for t in texts]
+        return [
+            pattern is not None and len(pattern.findall(normalize_text(answer_text(t)))) >= self.min_hits for t in texts
+        ]
 
 
 class LengthScorer:
@@ -178,8 +180,10 @@ class Behaviour:
             raise ValueError("early_stop_safe needs a monotone stopper and count='present'")
 
     def __repr__(self) -> str:
-        return (f"Behaviour({self.name!r}, bad={len(self.bad)}, good={len(self.good)}, count={self.count!r}, "
-                f"early_stop_safe={self.early_stop_safe})")
+        return (
+            f"Behaviour({self.name!r}, bad={len(self.bad)}, good={len(self.good)}, count={self.count!r}, "
+            f"early_stop_safe={self.early_stop_safe})"
+        )
 
     def _split(self, prompts: PromptSet, seed: int) -> tuple[PromptSet, PromptSet]:
         n = len(prompts)
@@ -214,9 +218,11 @@ class Behaviour:
         scores = self.score(texts)
         return sum(scores) / max(len(scores), 1)
 
-    def with_sets(self, bad: PromptSet | None = None, good: PromptSet | None = None, **changes) -> "Behaviour":
+    def with_sets(self, bad: PromptSet | None = None, good: PromptSet | None = None, **changes) -> Behaviour:
         """A copy with other prompt sets or settings (e.g. ``max_new_tokens``)."""
-        return replace(self, bad=bad if bad is not None else self.bad, good=good if good is not None else self.good, **changes)
+        return replace(
+            self, bad=bad if bad is not None else self.bad, good=good if good is not None else self.good, **changes
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,8 +283,21 @@ def _with_suffix(prompts: PromptSet, suffix: str) -> PromptSet:
     return prompts if not suffix else load_prompts([f"{q} {suffix}" for q in prompts], name=prompts.name)
 
 
-def _style_behaviour(name, bad_system, good_system, scorer, *, count, early_stop_safe, max_new_tokens, unit, description, meta,
-                     bad_suffix: str = "", good_suffix: str = ""):
+def _style_behaviour(
+    name,
+    bad_system,
+    good_system,
+    scorer,
+    *,
+    count,
+    early_stop_safe,
+    max_new_tokens,
+    unit,
+    description,
+    meta,
+    bad_suffix: str = "",
+    good_suffix: str = "",
+):
     """The same questions under a behaviour-eliciting and a discouraging system prompt (and optional request
     suffixes in the user turn: small models follow a request there more readily than a system prompt)."""
     base = questions()
@@ -303,8 +322,14 @@ def slop_behaviour(*, min_hits: int = 2) -> Behaviour:
     """Florid "AI-style" prose vs plain prose on the same questions; score = slop phrases per 100 words."""
     phrases = read_list("slop_phrases.txt")
     return _style_behaviour(
-        "slop", SLOP_SYSTEM, PLAIN_SYSTEM, PhraseScorer(phrases, min_hits=min_hits),
-        count="present", early_stop_safe=True, max_new_tokens=64, unit=f"responses with ≥{min_hits} slop phrases",
+        "slop",
+        SLOP_SYSTEM,
+        PLAIN_SYSTEM,
+        PhraseScorer(phrases, min_hits=min_hits),
+        count="present",
+        early_stop_safe=True,
+        max_new_tokens=64,
+        unit=f"responses with ≥{min_hits} slop phrases",
         description="Florid 'AI-style' writing (slop phrase list) vs plain writing.",
         meta={"phrases": len(phrases), "min_hits": min_hits},
     )
@@ -323,9 +348,16 @@ def humour_behaviour(*, min_hits: int = 1) -> Behaviour:
     """
     cues = read_list("humour_cues.txt")
     return _style_behaviour(
-        "humour", JOKEY_SYSTEM, SERIOUS_SYSTEM, PhraseScorer(cues, min_hits=min_hits),
-        bad_suffix=JOKEY_REQUEST, good_suffix=SERIOUS_REQUEST,
-        count="present", early_stop_safe=True, max_new_tokens=64, unit=f"responses with ≥{min_hits} humour cues",
+        "humour",
+        JOKEY_SYSTEM,
+        SERIOUS_SYSTEM,
+        PhraseScorer(cues, min_hits=min_hits),
+        bad_suffix=JOKEY_REQUEST,
+        good_suffix=SERIOUS_REQUEST,
+        count="present",
+        early_stop_safe=True,
+        max_new_tokens=64,
+        unit=f"responses with ≥{min_hits} humour cues",
         description="Jokey answers (humour cue list: joke frames, interjections, emoji) vs serious answers.",
         meta={"cues": len(cues), "min_hits": min_hits},
     )
@@ -334,8 +366,14 @@ def humour_behaviour(*, min_hits: int = 1) -> Behaviour:
 def verbosity_behaviour(*, min_words: int = 80, max_new_tokens: int = 160) -> Behaviour:
     """Long vs short answers to the same questions; score = words, objective = mean words."""
     return _style_behaviour(
-        "verbosity", VERBOSE_SYSTEM, TERSE_SYSTEM, LengthScorer(min_words),
-        count="mean", early_stop_safe=False, max_new_tokens=max_new_tokens, unit="mean words",
+        "verbosity",
+        VERBOSE_SYSTEM,
+        TERSE_SYSTEM,
+        LengthScorer(min_words),
+        count="mean",
+        early_stop_safe=False,
+        max_new_tokens=max_new_tokens,
+        unit="mean words",
         description="Long, padded answers vs one-sentence answers; scored by length in words.",
         meta={"min_words": min_words},
     )
@@ -367,6 +405,16 @@ def get_behaviour(name: str | Behaviour = "refusal", **options) -> Behaviour:
 
 
 __all__ = [
-    "BEHAVIOURS", "Behaviour", "LengthScorer", "PhraseScorer", "get_behaviour", "humour_behaviour", "read_list",
-    "refusal_behaviour", "register", "slop_behaviour", "verbosity_behaviour", "word_count",
+    "BEHAVIOURS",
+    "Behaviour",
+    "LengthScorer",
+    "PhraseScorer",
+    "get_behaviour",
+    "humour_behaviour",
+    "read_list",
+    "refusal_behaviour",
+    "register",
+    "slop_behaviour",
+    "verbosity_behaviour",
+    "word_count",
 ]

@@ -11,19 +11,19 @@ Interventions are given as a *factory*: a callable returning a fresh context man
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Sequence
+from typing import ContextManager
 
 import pandas as pd
 import torch
 from torch import nn
 
 from ..core import compat
-from ..core.capture import auto_batch_size, batched, model_device
+from ..core.capture import auto_batch_size, batched, encode, model_device
 from ..core.generation import eos_token_ids, greedy_decode
-from .metrics import MarkerDetector
-from ..core.capture import encode
 from ..core.prompts import PromptSet, format_chat
+from .metrics import MarkerDetector
 
 Intervention = Callable[[], ContextManager] | None
 
@@ -40,8 +40,8 @@ def _teacher_forced_batch(tokenizer, prompt_texts: Sequence[str], response_ids: 
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
@@ -70,7 +70,7 @@ def _batch_logprobs(model, tokenizer, texts, rids, K):
             continue
         # The sequence ends with the response (left padding): response token j sits at index T−k+j and is predicted
         # by the logits at T−k+j−1, which is K−k+j inside the kept window of K+1 positions.
-        out[i, :k] = lp[i, K - k: K]
+        out[i, :k] = lp[i, K - k : K]
         valid[i, :k] = True
         targets[i, :k] = torch.tensor(r)
     return out, valid, targets
@@ -96,7 +96,10 @@ def response_logprobs(
     """
     texts, rids, K = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
     size = batch_size or auto_batch_size(model)
-    parts = [_batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K) for s in range(0, len(texts), size)]
+    parts = [
+        _batch_logprobs(model, tokenizer, texts[s : s + size], rids[s : s + size], K)
+        for s in range(0, len(texts), size)
+    ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -124,19 +127,21 @@ def per_position_kl(
     kls, valids = [], []
     for s in range(0, len(texts), size):
         with _context(baseline):
-            base, valid, _ = _batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K)
+            base, valid, _ = _batch_logprobs(model, tokenizer, texts[s : s + size], rids[s : s + size], K)
         with _context(intervention):
-            edited, _, _ = _batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K)
+            edited, _, _ = _batch_logprobs(model, tokenizer, texts[s : s + size], rids[s : s + size], K)
         kls.append((base.exp() * (base - edited)).sum(-1))
         valids.append(valid)
     kl, valid = torch.cat(kls), torch.cat(valids)
     kl = torch.where(valid, kl, torch.full_like(kl, float("nan")))
-    frame = pd.DataFrame({
-        "position": range(kl.shape[1]),
-        "kl": torch.nanmean(kl, 0).numpy(),
-        "kl_std": [float(torch.std(c[~c.isnan()])) if (~c.isnan()).sum() > 1 else float("nan") for c in kl.T],
-        "n": valid.sum(0).numpy(),
-    })
+    frame = pd.DataFrame(
+        {
+            "position": range(kl.shape[1]),
+            "kl": torch.nanmean(kl, 0).numpy(),
+            "kl_std": [float(torch.std(c[~c.isnan()])) if (~c.isnan()).sum() > 1 else float("nan") for c in kl.T],
+            "n": valid.sum(0).numpy(),
+        }
+    )
     frame.attrs["per_prompt"] = kl
     return frame
 
@@ -163,7 +168,7 @@ def response_nll(
     out = []
     with _context(intervention):
         for s in range(0, len(texts), size):
-            lp, valid, targets = _batch_logprobs(model, tokenizer, texts[s:s + size], rids[s:s + size], K)
+            lp, valid, targets = _batch_logprobs(model, tokenizer, texts[s : s + size], rids[s : s + size], K)
             nll = -lp.gather(-1, targets[..., None])[..., 0] * valid
             out.append(nll.sum(1) / valid.sum(1).clamp_min(1))
     return torch.cat(out)
@@ -205,8 +210,10 @@ def prefill_refusal(
     rows, texts_by_k = [], {}
     with _context(intervention):
         for k in ks:
-            texts = [format_chat(tokenizer, [p], response_prefix=tokenizer.decode(r[:k]), **chat_kwargs)[0]
-                     for p, r in zip(prompt_list, resp_ids)]
+            texts = [
+                format_chat(tokenizer, [p], response_prefix=tokenizer.decode(r[:k]), **chat_kwargs)[0]
+                for p, r in zip(prompt_list, resp_ids)
+            ]
             outs = []
             for chunk in batched(texts, size):
                 tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)

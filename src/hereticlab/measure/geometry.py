@@ -13,9 +13,9 @@ import hashlib
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -219,14 +219,25 @@ def _geometry_table(good, bad, layers, median_iters, probe, test_fraction, seed)
     prev = lambda v: np.r_[np.nan, cosine(v[1:], v[:-1])]  # noqa: E731
     quality = separation_quality(g, b)
     data = {
-        "S(g,b)": cosine(g, b), "S(g*,b*)": cosine(gs, bs),
-        "S(g,r)": cosine(g, r), "S(g*,r*)": cosine(gs, rs),
-        "S(b,r)": cosine(b, r), "S(b*,r*)": cosine(bs, rs),
-        "|g|": norm(g), "|g*|": norm(gs), "|b|": norm(b), "|b*|": norm(bs), "|r|": norm(r), "|r*|": norm(rs),
+        "S(g,b)": cosine(g, b),
+        "S(g*,b*)": cosine(gs, bs),
+        "S(g,r)": cosine(g, r),
+        "S(g*,r*)": cosine(gs, rs),
+        "S(b,r)": cosine(b, r),
+        "S(b*,r*)": cosine(bs, rs),
+        "|g|": norm(g),
+        "|g*|": norm(gs),
+        "|b|": norm(b),
+        "|b*|": norm(bs),
+        "|r|": norm(r),
+        "|r*|": norm(rs),
         "silhouette": silhouette_per_layer(good, bad),
         **quality,
-        "S(r,r_prev)": prev(r), "S(r*,r*_prev)": prev(rs),
-        "probe_acc": probe_accuracy(good, bad, test_fraction=test_fraction, seed=seed) if probe else np.full(n_layers, np.nan),
+        "S(r,r_prev)": prev(r),
+        "S(r*,r*_prev)": prev(rs),
+        "probe_acc": probe_accuracy(good, bad, test_fraction=test_fraction, seed=seed)
+        if probe
+        else np.full(n_layers, np.nan),
     }
     df = pd.DataFrame(data, index=pd.Index(layers, name="layer"))[TABLE_COLUMNS]
     df.attrs.update(n_good=len(good), n_bad=len(bad), hidden_size=good.shape[2])
@@ -321,8 +332,17 @@ def _set_numba_threads(n: int | None) -> int | None:
         return None
 
 
-def _fit_layer(X: np.ndarray, init, *, n_neighbors: int, MN_ratio: float, FP_ratio: float, seed: int, num_iters,
-               numba_threads: int | None = 1) -> np.ndarray:
+def _fit_layer(
+    X: np.ndarray,
+    init,
+    *,
+    n_neighbors: int,
+    MN_ratio: float,
+    FP_ratio: float,
+    seed: int,
+    num_iters,
+    numba_threads: int | None = 1,
+) -> np.ndarray:
     """One PaCMAP fit of ``X [n, d]`` → ``[n, 2]`` (PCA for sets too small for PaCMAP; zeros if all points coincide).
 
     ``numba_threads``: thread count for numba (PaCMAP's gradient loop is a ``prange``) and for BLAS/OpenMP
@@ -349,9 +369,17 @@ def _fit_layer(X: np.ndarray, init, *, n_neighbors: int, MN_ratio: float, FP_rat
 
         limit = threadpool_limits(limits=numba_threads) if numba_threads is not None else nullcontext()
         with limit, warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" when a tiny set has no mid-near pairs
-            reducer = pacmap.PaCMAP(n_components=2, n_neighbors=k, MN_ratio=MN_ratio, FP_ratio=FP_ratio,
-                                    random_state=seed, num_iters=num_iters)
+            warnings.simplefilter(
+                "ignore", RuntimeWarning
+            )  # "mean of empty slice" when a tiny set has no mid-near pairs
+            reducer = pacmap.PaCMAP(
+                n_components=2,
+                n_neighbors=k,
+                MN_ratio=MN_ratio,
+                FP_ratio=FP_ratio,
+                random_state=seed,
+                num_iters=num_iters,
+            )
             Y = reducer.fit_transform(X.astype(np.float32), init=init)
     finally:
         logger.setLevel(level)
@@ -419,7 +447,7 @@ class Projection:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, prompts: list[str] | None = None) -> "Projection":
+    def load(cls, path: str | Path, prompts: list[str] | None = None) -> Projection:
         with np.load(path) as f:
             return cls(f["coords"], f["labels"], [int(v) for v in f["layers"]], key=str(f["key"]), prompts=prompts)
 
@@ -432,7 +460,7 @@ def clear_projection_cache() -> None:
     _CACHE.clear()
 
 
-def projection_key(good: np.ndarray, bad: np.ndarray, settings: dict, reference: "Projection | None" = None) -> str:
+def projection_key(good: np.ndarray, bad: np.ndarray, settings: dict, reference: Projection | None = None) -> str:
     """SHA-1 of both arrays (shape, dtype, bytes), the settings and the reference projection's key."""
     h = hashlib.sha1()
     for a in (good, bad):
@@ -495,8 +523,15 @@ def project_layers(
     prompts = list(prompts) if prompts is not None else None
     if prompts is not None and len(prompts) != len(labels):
         raise ValueError(f"{len(prompts)} prompts for {len(labels)} points (give good prompts, then bad ones)")
-    settings = dict(n_neighbors=n_neighbors, MN_ratio=MN_ratio, FP_ratio=FP_ratio, num_iters=num_iters, seed=seed,
-                    normalize=normalize, layers=tuple(layers))
+    settings = dict(
+        n_neighbors=n_neighbors,
+        MN_ratio=MN_ratio,
+        FP_ratio=FP_ratio,
+        num_iters=num_iters,
+        seed=seed,
+        normalize=normalize,
+        layers=tuple(layers),
+    )
     key = projection_key(good, bad, settings, reference)
     if cache and key in _CACHE:
         hit = _CACHE[key]
@@ -521,8 +556,16 @@ def project_layers(
         init = reference.coords[i] if reference is not None else previous
         if init is None or np.ptp(init, axis=0).min() <= 1e-12:
             init = "pca"
-        Y = _fit_layer(X, init, n_neighbors=n_neighbors, MN_ratio=MN_ratio, FP_ratio=FP_ratio, seed=seed,
-                       num_iters=num_iters, numba_threads=numba_threads)
+        Y = _fit_layer(
+            X,
+            init,
+            n_neighbors=n_neighbors,
+            MN_ratio=MN_ratio,
+            FP_ratio=FP_ratio,
+            seed=seed,
+            num_iters=num_iters,
+            numba_threads=numba_threads,
+        )
         coords[i] = align_embedding(Y, labels, normalize)
         previous = coords[i]
     proj = Projection(coords, labels, layers, key, prompts, settings, time.perf_counter() - start)

@@ -16,9 +16,9 @@ model under study answering Yes/No), or any function (e.g. a scripted one in tes
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from ..core import compat
 from ..core.capture import auto_batch_size, batched, capture_residuals, encode, model_device
-from ..directions.base import Directions, mean_difference, normalize
 from ..core.generation import generate
-from .metrics import normalize_text
 from ..core.prompts import PromptError, format_chat
+from ..directions.base import Directions, mean_difference, normalize
 from ..interventions.steering import capture_span_mean
+from .metrics import normalize_text
 
 Judge = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -94,15 +94,17 @@ class TraitSpec:
 
     def __post_init__(self):
         if len(self.positive) != len(self.negative) or not self.positive:
-            raise PromptError(f"trait {self.name!r} needs as many positive as negative system prompts (≥ 1); "
-                              f"got {len(self.positive)} and {len(self.negative)}")
+            raise PromptError(
+                f"trait {self.name!r} needs as many positive as negative system prompts (≥ 1); "
+                f"got {len(self.positive)} and {len(self.negative)}"
+            )
         if not self.questions:
             raise PromptError(f"trait {self.name!r} has no questions")
 
     def fill(self, template: str, **extra) -> str:
         return template.format(trait=self.name, description=self.description, **extra)
 
-    def keyword_judge(self) -> "KeywordJudge":
+    def keyword_judge(self) -> KeywordJudge:
         return KeywordJudge(self.positive_patterns, self.negative_patterns, neutral=self.keyword_neutral)
 
 
@@ -114,8 +116,15 @@ def _template_sections() -> dict[str, list[str]]:
     raise PromptError("the generic persona template prompts/personas/_template.txt is missing")
 
 
-def build_trait(name: str, description: str, *, questions: Sequence[str] | None = None, heldout: Sequence[str] | None = None,
-                template: dict[str, list[str]] | None = None, **overrides) -> TraitSpec:
+def build_trait(
+    name: str,
+    description: str,
+    *,
+    questions: Sequence[str] | None = None,
+    heldout: Sequence[str] | None = None,
+    template: dict[str, list[str]] | None = None,
+    **overrides,
+) -> TraitSpec:
     """A ``TraitSpec`` from a trait name and one-line description, filled into the generic templates.
 
     ``questions`` replaces the generic questions (trait-specific questions elicit far better); ``template``:
@@ -124,7 +133,8 @@ def build_trait(name: str, description: str, *, questions: Sequence[str] | None 
     sections = {**_template_sections(), **(template or {})}
     fill = lambda t: t.format(trait=name, description=description)
     spec = dict(
-        name=name, description=description,
+        name=name,
+        description=description,
         positive=[fill(t) for t in sections.get("positive", [])],
         negative=[fill(t) for t in sections.get("negative", [])],
         questions=list(questions) if questions is not None else list(sections.get("questions", [])),
@@ -155,7 +165,9 @@ def load_trait(source: str | Path) -> TraitSpec:
                 path = folder / f"{source}.txt"
                 break
         else:
-            raise PromptError(f"no trait {str(source)!r}; shipped traits: {', '.join(available_traits())}, or pass a file path")
+            raise PromptError(
+                f"no trait {str(source)!r}; shipped traits: {', '.join(available_traits())}, or pass a file path"
+            )
     sections = parse_sections(path.read_text(encoding="utf-8"))
     info = dict(line.split(":", 1) for line in sections.pop("trait", []) if ":" in line)
     info = {k.strip(): v.strip() for k, v in info.items()}
@@ -164,10 +176,16 @@ def load_trait(source: str | Path) -> TraitSpec:
     fill = lambda items: [t.format(trait=name, description=description) for t in items]
     get = lambda key: sections.get(key, fill(generic.get(key, [])))
     return TraitSpec(
-        name=name, description=description, positive=get("positive"), negative=get("negative"),
-        questions=get("questions"), heldout=sections.get("heldout", []),
-        positive_patterns=sections.get("positive_patterns", []), negative_patterns=sections.get("negative_patterns", []),
-        positive_examples=sections.get("positive_examples", []), negative_examples=sections.get("negative_examples", []),
+        name=name,
+        description=description,
+        positive=get("positive"),
+        negative=get("negative"),
+        questions=get("questions"),
+        heldout=sections.get("heldout", []),
+        positive_patterns=sections.get("positive_patterns", []),
+        negative_patterns=sections.get("negative_patterns", []),
+        positive_examples=sections.get("positive_examples", []),
+        negative_examples=sections.get("negative_examples", []),
         judge_template=(sections.get("judge") or generic.get("judge") or [""])[0],
         keyword_neutral=float(info.get("neutral", 0.5)),
     )
@@ -234,7 +252,9 @@ class SentenceEmbedder:
     def __call__(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         out = []
         for chunk in batched(list(texts), batch_size):
-            batch = self.tokenizer(list(chunk), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                list(chunk), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"][..., None].to(hidden.dtype)
             out.append(normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)).cpu())
@@ -248,14 +268,21 @@ class EmbeddingJudge:
     / ``negative_examples``, or the system prompts themselves). ``embedder``: any ``texts → [n, k]`` callable.
     """
 
-    def __init__(self, positive: Sequence[str], negative: Sequence[str], *, embedder: Callable | None = None, temperature: float = 0.05):
+    def __init__(
+        self,
+        positive: Sequence[str],
+        negative: Sequence[str],
+        *,
+        embedder: Callable | None = None,
+        temperature: float = 0.05,
+    ):
         self.embedder = embedder or SentenceEmbedder()
         self.temperature = temperature
         self.pos = normalize(self.embedder(list(positive)).mean(0))
         self.neg = normalize(self.embedder(list(negative)).mean(0))
 
     @classmethod
-    def for_trait(cls, trait: TraitSpec, **kwargs) -> "EmbeddingJudge":
+    def for_trait(cls, trait: TraitSpec, **kwargs) -> EmbeddingJudge:
         pos = trait.positive_examples or trait.positive
         neg = trait.negative_examples or trait.negative
         return cls(pos, neg, **kwargs)
@@ -273,7 +300,15 @@ class SelfJudge:
     ``judge_template``). Summed over the case / leading-space variants of Yes and No in the vocabulary.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, trait: TraitSpec, *, template: str | None = None, batch_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        trait: TraitSpec,
+        *,
+        template: str | None = None,
+        batch_size: int | None = None,
+    ):
         self.model, self.tokenizer, self.trait = model, tokenizer, trait
         self.template = template or trait.judge_template or _template_sections()["judge"][0]
         self.batch_size = batch_size
@@ -330,17 +365,38 @@ def generate_contrastive(
     questions = list(questions if questions is not None else trait.questions)
     n = len(trait.positive) if n_prompts is None else min(n_prompts, len(trait.positive))
     rows = []
-    jobs = [(i, side, sp) for i in range(n) for side, sp in (("positive", trait.positive[i]), ("negative", trait.negative[i]))]
+    jobs = [
+        (i, side, sp)
+        for i in range(n)
+        for side, sp in (("positive", trait.positive[i]), ("negative", trait.negative[i]))
+    ]
     for i, side, system_prompt in tqdm(jobs, desc="persona generate", disable=not progress, leave=False):
-        responses = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             progress=False, system_prompt=system_prompt)
+        responses = generate(
+            model,
+            tokenizer,
+            questions,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=False,
+            system_prompt=system_prompt,
+        )
         for q_index, (question, response) in enumerate(zip(questions, responses)):
-            rows.append({"pair": i * len(questions) + q_index, "question": question, "prompt_index": i, "side": side,
-                         "system_prompt": system_prompt, "response": response})
+            rows.append(
+                {
+                    "pair": i * len(questions) + q_index,
+                    "question": question,
+                    "prompt_index": i,
+                    "side": side,
+                    "system_prompt": system_prompt,
+                    "response": response,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def judge_pairs(frame: pd.DataFrame, judge: Judge, *, positive_min: float = 0.5, negative_max: float = 0.5) -> pd.DataFrame:
+def judge_pairs(
+    frame: pd.DataFrame, judge: Judge, *, positive_min: float = 0.5, negative_max: float = 0.5
+) -> pd.DataFrame:
     """Add ``score`` (the judge's) and ``keep``: a pair is kept when its positive response scores
     ``> positive_min`` and its negative one ``< negative_max`` (Chen et al.'s filter, on a 0–1 scale)."""
     frame = frame.copy()
@@ -371,8 +427,17 @@ def response_activations(
     if system_prompts is None or isinstance(system_prompts, str):
         system_prompts = [system_prompts] * len(questions)
     prefixes = [format_chat(tokenizer, [q], system_prompt=sp)[0] for q, sp in zip(questions, system_prompts)]
-    return capture_span_mean(model, tokenizer, prefixes, list(responses), layers=layers, start=start, stop=stop,
-                             batch_size=batch_size, progress=progress)
+    return capture_span_mean(
+        model,
+        tokenizer,
+        prefixes,
+        list(responses),
+        layers=layers,
+        start=start,
+        stop=stop,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 @dataclass
@@ -384,25 +449,47 @@ class PersonaResult:
     frame: pd.DataFrame
 
     def __repr__(self) -> str:
-        return (f"PersonaResult({self.trait.name!r}, kept {self.frame.attrs.get('kept_pairs')} of "
-                f"{self.frame.attrs.get('pairs')} pairs, {self.directions!r})")
+        return (
+            f"PersonaResult({self.trait.name!r}, kept {self.frame.attrs.get('kept_pairs')} of "
+            f"{self.frame.attrs.get('pairs')} pairs, {self.directions!r})"
+        )
 
 
-def persona_directions(model: nn.Module, tokenizer, frame: pd.DataFrame, *, trait: TraitSpec | None = None,
-                       batch_size: int | None = None, progress: bool = True, min_pairs: int = 1) -> Directions:
+def persona_directions(
+    model: nn.Module,
+    tokenizer,
+    frame: pd.DataFrame,
+    *,
+    trait: TraitSpec | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    min_pairs: int = 1,
+) -> Directions:
     """Mean response-token activation of kept positive responses minus kept negative ones, per residual index."""
     kept = frame[frame["keep"]] if "keep" in frame else frame
     if kept["pair"].nunique() < min_pairs:
-        raise ValueError(f"the judge kept {kept['pair'].nunique()} pairs (< {min_pairs}); loosen the thresholds, "
-                         "use more questions / system prompts, or another judge")
+        raise ValueError(
+            f"the judge kept {kept['pair'].nunique()} pairs (< {min_pairs}); loosen the thresholds, "
+            "use more questions / system prompts, or another judge"
+        )
     acts = {}
     for side in ("positive", "negative"):
         rows = kept[kept.side == side]
-        acts[side] = response_activations(model, tokenizer, list(rows.question), list(rows.response),
-                                          system_prompts=list(rows.system_prompt), batch_size=batch_size, progress=progress)
+        acts[side] = response_activations(
+            model,
+            tokenizer,
+            list(rows.question),
+            list(rows.response),
+            system_prompts=list(rows.system_prompt),
+            batch_size=batch_size,
+            progress=progress,
+        )
     directions = mean_difference(acts["positive"], acts["negative"])
-    return replace(directions, method="persona",
-                   meta={**directions.meta, "trait": trait.name if trait else None, "kept_pairs": int(kept["pair"].nunique())})
+    return replace(
+        directions,
+        method="persona",
+        meta={**directions.meta, "trait": trait.name if trait else None, "kept_pairs": int(kept["pair"].nunique())},
+    )
 
 
 def extract_persona_vector(
@@ -425,10 +512,21 @@ def extract_persona_vector(
     """
     trait = load_trait(trait) if isinstance(trait, str) else trait
     if isinstance(judge, str):
-        judge = {"keyword": lambda: trait.keyword_judge(), "embedding": lambda: EmbeddingJudge.for_trait(trait),
-                 "self": lambda: SelfJudge(model, tokenizer, trait)}[judge]()
-    frame = generate_contrastive(model, tokenizer, trait, questions=questions, n_prompts=n_prompts,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        judge = {
+            "keyword": lambda: trait.keyword_judge(),
+            "embedding": lambda: EmbeddingJudge.for_trait(trait),
+            "self": lambda: SelfJudge(model, tokenizer, trait),
+        }[judge]()
+    frame = generate_contrastive(
+        model,
+        tokenizer,
+        trait,
+        questions=questions,
+        n_prompts=n_prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     frame = judge_pairs(frame, judge, positive_min=positive_min, negative_max=negative_max)
     directions = persona_directions(model, tokenizer, frame, trait=trait, batch_size=batch_size, progress=progress)
     return PersonaResult(trait, directions, frame)
@@ -449,11 +547,28 @@ def project(activations: torch.Tensor, directions: Directions | torch.Tensor, la
     return (h.double() @ v.double()).float()
 
 
-def monitor_projection(model: nn.Module, tokenizer, prompts: Sequence[str], directions: Directions, layer: int, *,
-                       system_prompt: str | None = None, batch_size: int | None = None, progress: bool = True) -> torch.Tensor:
+def monitor_projection(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    directions: Directions,
+    layer: int,
+    *,
+    system_prompt: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
     """Projection of the last prompt token (the assistant turn's opening, before any response) onto ``v̂[layer]``: ``[n]``."""
-    acts = capture_residuals(model, tokenizer, prompts, layers=[layer], positions=-1, batch_size=batch_size,
-                             progress=progress, system_prompt=system_prompt)
+    acts = capture_residuals(
+        model,
+        tokenizer,
+        prompts,
+        layers=[layer],
+        positions=-1,
+        batch_size=batch_size,
+        progress=progress,
+        system_prompt=system_prompt,
+    )
     return project(acts[:, 0], directions, layer)
 
 
@@ -476,23 +591,43 @@ def projection_difference(
     the model towards the trait if trained on. Columns ``prompt, response, model_response, projection,
     model_projection, difference`` (sorted by nothing; sort by ``difference`` to rank)."""
     if model_responses is None:
-        model_responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   progress=progress, system_prompt=system_prompt)
+        model_responses = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            system_prompt=system_prompt,
+        )
     kw = dict(system_prompts=system_prompt, layers=[layer], batch_size=batch_size, progress=progress)
     data = response_activations(model, tokenizer, prompts, responses, **kw)[:, 0]
     own = response_activations(model, tokenizer, prompts, model_responses, **kw)[:, 0]
     p_data, p_own = project(data, directions, layer), project(own, directions, layer)
-    return pd.DataFrame({"prompt": list(prompts), "response": list(responses), "model_response": list(model_responses),
-                         "projection": p_data.tolist(), "model_projection": p_own.tolist(),
-                         "difference": (p_data - p_own).tolist()})
+    return pd.DataFrame(
+        {
+            "prompt": list(prompts),
+            "response": list(responses),
+            "model_response": list(model_responses),
+            "projection": p_data.tolist(),
+            "model_projection": p_own.tolist(),
+            "difference": (p_data - p_own).tolist(),
+        }
+    )
 
 
 def separation(directions: Directions, positive: torch.Tensor, negative: torch.Tensor, layer: int) -> dict:
     """How well ``v̂[layer]`` separates two activation sets ``[n, layer, d]``: mean projections, their gap in
     pooled standard deviations (Cohen's d) and the share of (pos, neg) pairs ordered correctly (AUROC)."""
     p, q = project(positive, directions, layer).double(), project(negative, directions, layer).double()
-    pooled = torch.sqrt((p.var(unbiased=True) if len(p) > 1 else torch.tensor(0.0)) / 2
-                        + (q.var(unbiased=True) if len(q) > 1 else torch.tensor(0.0)) / 2).clamp_min(1e-12)
+    pooled = torch.sqrt(
+        (p.var(unbiased=True) if len(p) > 1 else torch.tensor(0.0)) / 2
+        + (q.var(unbiased=True) if len(q) > 1 else torch.tensor(0.0)) / 2
+    ).clamp_min(1e-12)
     auroc = float((p[:, None] > q[None, :]).double().mean() + 0.5 * (p[:, None] == q[None, :]).double().mean())
-    return {"positive_mean": float(p.mean()), "negative_mean": float(q.mean()), "cohens_d": float((p.mean() - q.mean()) / pooled),
-            "auroc": auroc}
+    return {
+        "positive_mean": float(p.mean()),
+        "negative_mean": float(q.mean()),
+        "cohens_d": float((p.mean() - q.mean()) / pooled),
+        "auroc": auroc,
+    }

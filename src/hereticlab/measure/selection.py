@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -21,10 +21,10 @@ from torch import nn
 
 from ..core.architecture import find_layers
 from ..core.capture import capture_residuals
-from ..directions.base import Directions, mean_difference
-from .metrics import first_token_logprobs, kl_from_logprobs
 from ..core.prompts import PromptSet
+from ..directions.base import Directions, mean_difference
 from ..interventions.steering import ablation_hooks, activation_addition
+from .metrics import first_token_logprobs, kl_from_logprobs
 
 REFUSAL_WORDS = ("I", "I'm", "Sorry", "As", "Unfortunately")
 
@@ -94,7 +94,7 @@ def post_instruction_positions(tokenizer, n: int | None = None) -> list[int]:
 
     marker = "XQZ"
     text = format_chat(tokenizer, [marker])[0]
-    tail = text[text.rindex(marker) + len(marker):]
+    tail = text[text.rindex(marker) + len(marker) :]
     count = max(1, len(tokenizer.encode(tail, add_special_tokens=False)))
     count = count if n is None else min(count, n)
     return list(range(-count, 0))
@@ -167,8 +167,10 @@ class Selection:
         if self.position is None:
             return f"Selection(no candidate passed {self.filters}; {len(self.frame)} scored)"
         row = self.chosen
-        return (f"Selection(position={self.position}, layer={self.layer}, bypass={row.bypass:.3f}, "
-                f"induce={row.induce:.3f}, kl={row.kl:.4f}; {len(self.frame)} scored)")
+        return (
+            f"Selection(position={self.position}, layer={self.layer}, bypass={row.bypass:.3f}, "
+            f"induce={row.induce:.3f}, kl={row.kl:.4f}; {len(self.frame)} scored)"
+        )
 
 
 @torch.no_grad()
@@ -199,8 +201,10 @@ def score_candidates(
     kw = dict(batch_size=batch_size, progress=False)
     base_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
     base_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
-    baseline = {"harmful": float(refusal_log_odds(base_harmful, ids).mean()),
-                "harmless": float(refusal_log_odds(base_harmless, ids).mean())}
+    baseline = {
+        "harmful": float(refusal_log_odds(base_harmful, ids).mean()),
+        "harmless": float(refusal_log_odds(base_harmless, ids).mean()),
+    }
     rows = []
     todo = [(pos, layer) for pos in directions for layer in layers]
     for pos, layer in tqdm(todo, desc="candidates", disable=not progress, leave=False):
@@ -210,12 +214,16 @@ def score_candidates(
             lp_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
         with activation_addition(model, r, layer=layer, alpha=1.0):
             lp_induce = first_token_logprobs(model, tokenizer, harmless, **kw)
-        rows.append({
-            "position": pos, "layer": layer, "norm": float(r.norm()),
-            "bypass": float(refusal_log_odds(lp_harmful, ids).mean()),
-            "induce": float(refusal_log_odds(lp_induce, ids).mean()),
-            "kl": float(kl_from_logprobs(base_harmless, lp_harmless).mean()),
-        })
+        rows.append(
+            {
+                "position": pos,
+                "layer": layer,
+                "norm": float(r.norm()),
+                "bypass": float(refusal_log_odds(lp_harmful, ids).mean()),
+                "induce": float(refusal_log_odds(lp_induce, ids).mean()),
+                "kl": float(kl_from_logprobs(base_harmless, lp_harmless).mean()),
+            }
+        )
     return pd.DataFrame(rows), baseline
 
 
@@ -242,13 +250,30 @@ def select_direction(
     indices (default all blocks). Filters are parameters (``None`` disables one). The frame has every candidate,
     a ``passes`` column and a ``chosen`` column; ``Selection.position is None`` when nothing passes.
     """
-    dirs = candidate_directions(model, tokenizer, harmful_train, harmless_train, positions=positions,
-                                batch_size=batch_size, progress=progress)
-    frame, baseline = score_candidates(model, tokenizer, dirs, harmful_val, harmless_val, layers=layers,
-                                       token_ids=token_ids, batch_size=batch_size, progress=progress)
+    dirs = candidate_directions(
+        model, tokenizer, harmful_train, harmless_train, positions=positions, batch_size=batch_size, progress=progress
+    )
+    frame, baseline = score_candidates(
+        model,
+        tokenizer,
+        dirs,
+        harmful_val,
+        harmless_val,
+        layers=layers,
+        token_ids=token_ids,
+        batch_size=batch_size,
+        progress=progress,
+    )
     n_layers = len(find_layers(model))
-    return selection_from_frame(frame, dirs, n_layers=n_layers, baseline=baseline,
-                                induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac)
+    return selection_from_frame(
+        frame,
+        dirs,
+        n_layers=n_layers,
+        baseline=baseline,
+        induce_min=induce_min,
+        kl_max=kl_max,
+        max_layer_frac=max_layer_frac,
+    )
 
 
 def selection_from_frame(
@@ -271,7 +296,9 @@ def selection_from_frame(
     if max_layer_frac is not None:
         passes &= frame["layer"] < max_layer_frac * n_layers
     frame["passes"] = passes
-    best = choose_candidate(frame, n_layers=n_layers, induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac)
+    best = choose_candidate(
+        frame, n_layers=n_layers, induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac
+    )
     frame["chosen"] = frame.index == best if best is not None else False
     filters = {"induce_min": induce_min, "kl_max": kl_max, "max_layer_frac": max_layer_frac, "n_layers": n_layers}
     if best is None:
@@ -280,7 +307,9 @@ def selection_from_frame(
     return Selection(frame, pos, layer, directions[pos].vectors[layer].clone(), directions, baseline or {}, filters)
 
 
-def plot_candidates(selection: Selection | pd.DataFrame, *, metrics: Sequence[str] = ("bypass", "induce", "kl"), axes=None):
+def plot_candidates(
+    selection: Selection | pd.DataFrame, *, metrics: Sequence[str] = ("bypass", "induce", "kl"), axes=None
+):
     """Heat-maps (position × layer) of the candidate scores, the chosen cell boxed, failing cells hatched.
 
     Returns the matplotlib figure.
@@ -290,7 +319,15 @@ def plot_candidates(selection: Selection | pd.DataFrame, *, metrics: Sequence[st
 
     frame = selection.frame if isinstance(selection, Selection) else selection
     if axes is None:
-        fig, axes = plt.subplots(len(metrics), 1, figsize=(min(14, 2 + 0.45 * frame["layer"].nunique()), 1.6 + 1.4 * len(metrics) * max(1, frame["position"].nunique()) / 3), squeeze=False)
+        fig, axes = plt.subplots(
+            len(metrics),
+            1,
+            figsize=(
+                min(14, 2 + 0.45 * frame["layer"].nunique()),
+                1.6 + 1.4 * len(metrics) * max(1, frame["position"].nunique()) / 3,
+            ),
+            squeeze=False,
+        )
         axes = axes[:, 0]
     fig = axes[0].figure
     cmaps = {"bypass": "viridis", "induce": "magma", "kl": "cividis"}
@@ -349,7 +386,11 @@ def judge_refusals(
     device = model_device(model)
     responses = []
     for chunk in batched(texts, batch_size or 16):
-        stop = (lambda row, toks: detector.matched(tokenizer.decode(toks, skip_special_tokens=True))) if hasattr(detector, "matched") else None
+        stop = (
+            (lambda row, toks: detector.matched(tokenizer.decode(toks, skip_special_tokens=True)))
+            if hasattr(detector, "matched")
+            else None
+        )
         tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos, stop=stop)
         responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
     frame = pd.DataFrame({"prompt": list(prompts), "response": responses, "refused": detector(responses)})
@@ -391,7 +432,9 @@ def evaluate_direction(
         addition = activation_addition(model, direction, layer=layer) if add and direction.ndim == 1 else None
     with ablation:
         out["refusal_ablated"] = judge_refusals(model, tokenizer, harmful, **kw).attrs["refusal_rate"]
-        out["metric_ablated"] = float(refusal_metric(model, tokenizer, harmful, token_ids=ids, batch_size=batch_size).mean())
+        out["metric_ablated"] = float(
+            refusal_metric(model, tokenizer, harmful, token_ids=ids, batch_size=batch_size).mean()
+        )
         lp = first_token_logprobs(model, tokenizer, harmless, batch_size=batch_size, progress=False)
         out["kl"] = float(kl_from_logprobs(baseline_harmless, lp).mean())
     if addition is None:
@@ -399,5 +442,7 @@ def evaluate_direction(
     else:
         with addition:
             out["refusal_added"] = judge_refusals(model, tokenizer, harmless, **kw).attrs["refusal_rate"]
-            out["metric_added"] = float(refusal_metric(model, tokenizer, harmless, token_ids=ids, batch_size=batch_size).mean())
+            out["metric_added"] = float(
+                refusal_metric(model, tokenizer, harmless, token_ids=ids, batch_size=batch_size).mean()
+            )
     return out

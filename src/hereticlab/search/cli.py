@@ -32,25 +32,50 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="search for the best ablation, then export it (the main job)")
-    p.add_argument("--model", default="default", help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a folder, or a cached hub id")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a folder, or a cached hub id",
+    )
     p.add_argument("--harmful", default="harmful", help="named prompt set or file of prompts to stop refusing")
-    p.add_argument("--harmless", default="harmless", help="named prompt set or file of prompts whose behaviour must not change")
+    p.add_argument(
+        "--harmless", default="harmless", help="named prompt set or file of prompts whose behaviour must not change"
+    )
     p.add_argument("--behaviour", default="refusal", help="refusal (default) or a preset from hereticlab.behaviours")
-    p.add_argument("--trials", type=int, default=30, help="finished trials the study should hold (resume continues to it)")
+    p.add_argument(
+        "--trials", type=int, default=30, help="finished trials the study should hold (resume continues to it)"
+    )
     p.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE takes over")
-    p.add_argument("--worker-trials", type=int, default=None, help="run exactly N trials in this process (extra workers)")
+    p.add_argument(
+        "--worker-trials", type=int, default=None, help="run exactly N trials in this process (extra workers)"
+    )
     p.add_argument("--out", default="runs/default", help="run directory (resumed when it exists)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///x.db, postgresql://…) or a .journal file")
+    p.add_argument(
+        "--storage", default=None, help="Optuna storage URL (sqlite:///x.db, postgresql://…) or a .journal file"
+    )
     p.add_argument("--study-name", default="hereticlab")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/evaluation prompt split")
     p.add_argument("--train-prompts", type=int, default=200, help="prompts per class for computing directions")
-    p.add_argument("--search-prompts", type=int, default=32, help="evaluation prompts per class that trials are scored on")
-    p.add_argument("--methods", default="projected", help="comma-separated direction methods searched over (e.g. projected,mean_difference,svd:2)")
+    p.add_argument(
+        "--search-prompts", type=int, default=32, help="evaluation prompts per class that trials are scored on"
+    )
+    p.add_argument(
+        "--methods",
+        default="projected",
+        help="comma-separated direction methods searched over (e.g. projected,mean_difference,svd:2)",
+    )
     p.add_argument("--norms", default="none", help="comma-separated norm modes searched over (none,row,column)")
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--decide-after", type=int, default=16, help="clean tokens after which a response counts as answered")
-    p.add_argument("--kl-ceiling", type=float, default=1.0, help="skip refusal counting above this KL (trial marked pruned); <0 disables")
+    p.add_argument(
+        "--decide-after", type=int, default=16, help="clean tokens after which a response counts as answered"
+    )
+    p.add_argument(
+        "--kl-ceiling",
+        type=float,
+        default=1.0,
+        help="skip refusal counting above this KL (trial marked pruned); <0 disables",
+    )
     p.add_argument("--kl-max", type=float, default=0.2, help="choose the lowest-refusal trial with KL at most this")
     p.add_argument("--trial", type=int, default=None, help="export this trial number instead")
     p.add_argument("--batch-size", type=int, default=None, help="default: tuned on this machine")
@@ -66,14 +91,31 @@ def _cmd_run(args) -> int:
     from .runner import RunConfig, run_search
 
     config = RunConfig(
-        model=args.model, harmful=args.harmful, harmless=args.harmless, out=args.out, storage=args.storage,
-        study_name=args.study_name, trials=args.trials, startup_trials=args.startup_trials, seed=args.seed,
-        split_seed=args.split_seed, train_prompts=args.train_prompts, search_prompts=args.search_prompts,
-        methods=checked.methods, norms=checked.norms, system_prompt=args.system_prompt,
-        decide_after=args.decide_after, kl_ceiling=None if args.kl_ceiling < 0 else args.kl_ceiling,
-        kl_max=args.kl_max, choose=args.trial, batch_size=args.batch_size, export=not args.no_export,
+        model=args.model,
+        harmful=args.harmful,
+        harmless=args.harmless,
+        out=args.out,
+        storage=args.storage,
+        study_name=args.study_name,
+        trials=args.trials,
+        startup_trials=args.startup_trials,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        train_prompts=args.train_prompts,
+        search_prompts=args.search_prompts,
+        methods=checked.methods,
+        norms=checked.norms,
+        system_prompt=args.system_prompt,
+        decide_after=args.decide_after,
+        kl_ceiling=None if args.kl_ceiling < 0 else args.kl_ceiling,
+        kl_max=args.kl_max,
+        choose=args.trial,
+        batch_size=args.batch_size,
+        export=not args.no_export,
         # An alias of refusal ("Refusal", "refusals") takes the refusal path, which honours --harmful/--harmless.
-        behaviour="refusal" if checked.behaviour == "refusal" else args.behaviour, dtype=args.dtype, device=args.device,
+        behaviour="refusal" if checked.behaviour == "refusal" else args.behaviour,
+        dtype=args.dtype,
+        device=args.device,
     )
     result = run_search(config, worker_trials=args.worker_trials)
     if result.chosen is not None:
@@ -83,8 +125,10 @@ def _cmd_run(args) -> int:
             print("\nPareto front (search prompts):")
             print(pd.read_csv(result.out / "pareto.csv").to_string(index=False, max_colwidth=12))
         c = result.record["chosen_trial"]
-        print(f"\nchosen trial #{c['number']}: refusals {c['refusals']}/{result.record['baseline_search']['n_prompts']} "
-              f"(baseline {result.record['baseline_search']['refusals']}), KL {c['kl']:.3f}")
+        print(
+            f"\nchosen trial #{c['number']}: refusals {c['refusals']}/{result.record['baseline_search']['n_prompts']} "
+            f"(baseline {result.record['baseline_search']['refusals']}), KL {c['kl']:.3f}"
+        )
         print(f"wrote {result.out}/: trials.csv pareto.csv pareto.png model/ adapter/ run.json")
     return 0
 
@@ -103,9 +147,9 @@ def _cmd_replay(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from ..measure.metrics import first_token_logprobs, kl_divergence, refusal_rate
     from ..core.models import load_model
     from ..core.prompts import load_prompts
+    from ..measure.metrics import first_token_logprobs, kl_divergence, refusal_rate
     from .validation import validate_evaluate
 
     validate_evaluate(args)
@@ -121,9 +165,20 @@ def _cmd_evaluate(args) -> int:
     model, tok = load_model(args.model)
     ref = refusal_rate(model, tok, harmful, max_new_tokens=args.max_new_tokens)
     kl = kl_divergence(model, tok, harmless, baseline=base_lp)
-    print(json.dumps({"model": args.model, "baseline": args.baseline, "n_harmful": len(harmful),
-                      "refusals_baseline": base_ref.attrs["refusals"], "refusals": ref.attrs["refusals"],
-                      "kl": round(kl, 4), "n_harmless": len(harmless)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "baseline": args.baseline,
+                "n_harmful": len(harmful),
+                "refusals_baseline": base_ref.attrs["refusals"],
+                "refusals": ref.attrs["refusals"],
+                "kl": round(kl, 4),
+                "n_harmless": len(harmless),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -22,9 +22,9 @@ What makes a trial cheap (each is measured against a Heretic-style reference in 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,10 +34,10 @@ from transformers.cache_utils import DynamicCache
 from ..core import compat
 from ..core.architecture import block_output_tensor, find_layers
 from ..core.capture import batched, chat_texts, encode, model_device
-from ..interventions.edits import WeightBackup, WriterEdit, apply_edits, first_edited_layer
 from ..core.generation import eos_token_ids, greedy_decode
-from ..measure.metrics import MarkerDetector, kl_from_logprobs
 from ..core.prompts import PromptSet
+from ..interventions.edits import WeightBackup, WriterEdit, apply_edits, first_edited_layer
+from ..measure.metrics import MarkerDetector, kl_from_logprobs
 
 
 @dataclass
@@ -67,7 +67,14 @@ class TrialResult:
 class _Replay(nn.Module):
     """Stands in for an unedited block: writes its recorded keys/values and returns the recorded output."""
 
-    def __init__(self, index: int, output: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None, as_tuple: bool, original: nn.Module):
+    def __init__(
+        self,
+        index: int,
+        output: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+        as_tuple: bool,
+        original: nn.Module,
+    ):
         super().__init__()
         self.index, self.output, self.kv, self.as_tuple = index, output, kv, as_tuple
         self.attention_type = getattr(original, "attention_type", None)
@@ -82,7 +89,9 @@ class _Replay(nn.Module):
 
 @dataclass
 class _Batch:
-    inputs: dict[str, torch.Tensor]  # input_ids [B, T] (after the shared prefix), attention_mask [B, P + T], position_ids [B, T]
+    inputs: dict[
+        str, torch.Tensor
+    ]  # input_ids [B, T] (after the shared prefix), attention_mask [B, P + T], position_ids [B, T]
     order: list[int]  # indices into the prompt list
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # s -> input of block s [B, T, d]
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block, unedited keys/values of the T own tokens
@@ -118,7 +127,9 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def pad_after_prefix(suffixes: Sequence[Sequence[int]], prefix_length: int, pad_id: int, device) -> dict[str, torch.Tensor]:
+def pad_after_prefix(
+    suffixes: Sequence[Sequence[int]], prefix_length: int, pad_id: int, device
+) -> dict[str, torch.Tensor]:
     """Left-pad token lists that follow a shared cached prefix of ``prefix_length`` tokens.
 
     Returns ``input_ids [B, T]``, ``attention_mask [B, P + T]`` (prefix ones, padding zeros, tokens ones) and
@@ -129,8 +140,8 @@ def pad_after_prefix(suffixes: Sequence[Sequence[int]], prefix_length: int, pad_
     own = torch.zeros((len(suffixes), width), dtype=torch.long)
     for row, tokens in enumerate(suffixes):
         if tokens:
-            ids[row, width - len(tokens):] = torch.tensor(tokens)
-            own[row, width - len(tokens):] = 1
+            ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            own[row, width - len(tokens) :] = 1
     positions = (prefix_length + own.cumsum(-1) - 1).clamp(min=prefix_length)
     mask = torch.cat([torch.ones(len(suffixes), prefix_length, dtype=torch.long), own], dim=1)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
@@ -182,7 +193,10 @@ class TrialEvaluator:
         self.backup = WeightBackup()
         self._progress = progress
         self._kv_replayable = self.n_blocks
-        self._texts = {"bad": chat_texts(tokenizer, bad, **chat_kwargs), "good": chat_texts(tokenizer, good, **chat_kwargs)}
+        self._texts = {
+            "bad": chat_texts(tokenizer, bad, **chat_kwargs),
+            "good": chat_texts(tokenizer, good, **chat_kwargs),
+        }
         self._bad = self._prepare(self._texts["bad"], with_kv=True)
         self._good = self._prepare(self._texts["good"], with_kv=False)
         self.fast_paths_checked = self._check_fast_paths()
@@ -196,7 +210,9 @@ class TrialEvaluator:
     @staticmethod
     def _cache_is_shareable(model: nn.Module) -> bool:
         """A cached prefix can be shared only by plain per-layer key/value caches (no sliding windows, no SSM state)."""
-        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        config = (
+            model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        )
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         return all(t == "full_attention" for t in layer_types) and not getattr(config, "is_encoder_decoder", False)
 
@@ -214,7 +230,9 @@ class TrialEvaluator:
     def _expanded(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int) -> DynamicCache | None:
         if prefix_kv is None:
             return None
-        return compat.cache_from_keys_values([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv])
+        return compat.cache_from_keys_values(
+            [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv]
+        )
 
     def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids per text and the length of the prefix they share (0 when sharing is off or too short)."""
@@ -241,12 +259,18 @@ class TrialEvaluator:
         except _NotShareable:  # not one plain key/value layer per block (SSM state, windows): no sharing
             side.prefix, prefix_kv, self.share_prefix = side.prefix[:, :0], None, False
         shared = side.prefix_length
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else (self.tokenizer.eos_token_id or 0)
+        )
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         blocks = find_layers(self.model)
         checkpoints = set(self._checkpoints())
         self._block_returns_tuple = False
-        for chunk in tqdm(list(batched(order, self.batch_size)), desc="record prefix", disable=not self._progress, leave=False):
+        for chunk in tqdm(
+            list(batched(order, self.batch_size)), desc="record prefix", disable=not self._progress, leave=False
+        ):
             batch = _Batch(pad_after_prefix([ids[i][shared:] for i in chunk], shared, pad, device), list(chunk))
             if checkpoints:
                 handles = []
@@ -261,8 +285,12 @@ class TrialEvaluator:
 
                 try:
                     handles = [b.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
-                    _, cache = compat.forward(self.model, batch.inputs, cache=self._expanded(prefix_kv, len(chunk)),
-                                              use_cache=with_kv or bool(shared))
+                    _, cache = compat.forward(
+                        self.model,
+                        batch.inputs,
+                        cache=self._expanded(prefix_kv, len(chunk)),
+                        use_cache=with_kv or bool(shared),
+                    )
                 finally:
                     for h in handles:
                         h.remove()
@@ -271,8 +299,10 @@ class TrialEvaluator:
                     # layers keep a truncated window with their own bookkeeping, so replay stops before them.
                     self._kv_replayable = compat.plain_layer_count(cache)
                     # Only the batch's own tokens: the shared prefix is recomputed (once) by every trial.
-                    batch.kv = [(k[:, :, shared:].clone(), v[:, :, shared:].clone())
-                                for k, v in compat.layer_keys_values(cache, self._kv_replayable)]
+                    batch.kv = [
+                        (k[:, :, shared:].clone(), v[:, :, shared:].clone())
+                        for k, v in compat.layer_keys_values(cache, self._kv_replayable)
+                    ]
             side.batches.append(batch)
         return side
 
@@ -405,10 +435,18 @@ class TrialEvaluator:
                 return False
 
             with self._replayed(batch, start, with_kv=True):
-                logits, cache = compat.forward(self.model, batch.inputs, cache=self._expanded(prefix_kv, len(batch.order)),
-                                               use_cache=True)
-            tokens = greedy_decode(self.model, batch.inputs, self.max_new_tokens, self.eos, stop=stop,
-                                   cache=cache, first_logits=logits[:, -1])
+                logits, cache = compat.forward(
+                    self.model, batch.inputs, cache=self._expanded(prefix_kv, len(batch.order)), use_cache=True
+                )
+            tokens = greedy_decode(
+                self.model,
+                batch.inputs,
+                self.max_new_tokens,
+                self.eos,
+                stop=stop,
+                cache=cache,
+                first_logits=logits[:, -1],
+            )
             steps += max((len(t) for t in tokens), default=0)
             for row, (index, toks) in enumerate(zip(batch.order, tokens)):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -422,11 +460,28 @@ class TrialEvaluator:
         kl_values = self.kl(start_layer)
         kl = float(kl_values.mean())
         if self.kl_ceiling is not None and kl > self.kl_ceiling:
-            return TrialResult(kl, None, len(self.bad_prompts), pruned=True, seconds=time.perf_counter() - t0,
-                               start_layer=start_layer, kl_per_prompt=kl_values.tolist())
+            return TrialResult(
+                kl,
+                None,
+                len(self.bad_prompts),
+                pruned=True,
+                seconds=time.perf_counter() - t0,
+                start_layer=start_layer,
+                kl_per_prompt=kl_values.tolist(),
+            )
         decisions, responses, steps = self.decide(start_layer)
-        return TrialResult(kl, sum(decisions), len(decisions), decisions, responses, False,
-                           time.perf_counter() - t0, steps, start_layer, kl_values.tolist())
+        return TrialResult(
+            kl,
+            sum(decisions),
+            len(decisions),
+            decisions,
+            responses,
+            False,
+            time.perf_counter() - t0,
+            steps,
+            start_layer,
+            kl_values.tolist(),
+        )
 
     def evaluate_edits(self, edits: list[WriterEdit]) -> TrialResult:
         """Apply ``edits`` in place, evaluate with prefix reuse below the first edited block, revert exactly."""
@@ -496,8 +551,16 @@ def scan_layers(
     for index in tqdm(indices, desc="layer scan", disable=not progress):
         edits = plan_ablation(evaluator.model, directions.at(index), strength, components=components, norm=norm)
         r = evaluator.evaluate_edits(edits)
-        rows.append({"index": index, "refusals": r.refusals, "refusal_rate": r.refusal_rate, "kl": r.kl,
-                     "pruned": r.pruned, "seconds": round(r.seconds, 2)})
+        rows.append(
+            {
+                "index": index,
+                "refusals": r.refusals,
+                "refusal_rate": r.refusal_rate,
+                "kl": r.kl,
+                "pruned": r.pruned,
+                "seconds": round(r.seconds, 2),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -11,30 +11,51 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
-import torch
 from tqdm.auto import tqdm
 
 from ..core.capture import capture_residuals
-from ..directions.base import Directions, mean_difference
-from ..interventions.edits import WeightBackup
-from .evaluator import TrialEvaluator, tune_batch_size
-from ..measure.metrics import MarkerDetector, first_token_logprobs, kl_divergence, refusal_rate
 from ..core.models import load_model
 from ..core.prompts import PromptSet, load_prompts
+from ..directions.base import Directions, mean_difference
+from ..measure.metrics import MarkerDetector, first_token_logprobs, kl_divergence, refusal_rate
+from .evaluator import TrialEvaluator, tune_batch_size
 from .study import (
-    SearchError, SearchSpace, choose_trial, edits_from_params, finished_trials, make_storage, objective_values,
-    open_study, pareto, plot_pareto, requeue_interrupted, trial_params, trials_table,
+    SearchError,
+    SearchSpace,
+    choose_trial,
+    edits_from_params,
+    finished_trials,
+    make_storage,
+    objective_values,
+    open_study,
+    pareto,
+    plot_pareto,
+    requeue_interrupted,
+    trial_params,
+    trials_table,
 )
 
 # Settings that must match for a run directory to be resumed.
-_IDENTITY_KEYS = ("model", "harmful", "harmless", "train_prompts", "search_prompts", "split_seed", "methods",
-                  "system_prompt", "decide_after", "max_new_tokens", "behaviour")
+_IDENTITY_KEYS = (
+    "model",
+    "harmful",
+    "harmless",
+    "train_prompts",
+    "search_prompts",
+    "split_seed",
+    "methods",
+    "system_prompt",
+    "decide_after",
+    "max_new_tokens",
+    "behaviour",
+)
 
 
 @dataclass
@@ -111,21 +132,28 @@ def prompt_splits(config: RunConfig, behaviour=None) -> dict[str, PromptSet]:
         good = load_prompts(config.harmless, **chat)
         for s in (bad, good):
             if len(s) < config.train_prompts + 2:
-                raise SearchError(f"{s.name} has {len(s)} prompts; need more than --train-prompts={config.train_prompts} "
-                                  "plus an evaluation part; lower --train-prompts")
+                raise SearchError(
+                    f"{s.name} has {len(s)} prompts; need more than --train-prompts={config.train_prompts} "
+                    "plus an evaluation part; lower --train-prompts"
+                )
         bad_train, bad_eval = bad.split(train=config.train_prompts, seed=config.split_seed)
         good_train, good_eval = good.split(train=config.train_prompts, seed=config.split_seed)
     n = min(config.search_prompts, len(bad_eval) - 1, len(good_eval) - 1)
     if n < 1:
         raise SearchError("the evaluation split is too small to hold a search part and a test part; add prompts")
     return {
-        "bad_train": bad_train, "good_train": good_train,
-        "bad_search": bad_eval[:n], "good_search": good_eval[:n],
-        "bad_test": bad_eval[n:], "good_test": good_eval[n:],
+        "bad_train": bad_train,
+        "good_train": good_train,
+        "bad_search": bad_eval[:n],
+        "good_search": good_eval[:n],
+        "bad_test": bad_eval[n:],
+        "good_test": good_eval[n:],
     }
 
 
-def compute_directions(model, tokenizer, bad: PromptSet, good: PromptSet, methods, batch_size=None) -> dict[str, Directions]:
+def compute_directions(
+    model, tokenizer, bad: PromptSet, good: PromptSet, methods, batch_size=None
+) -> dict[str, Directions]:
     """Residuals of both training sets once, then every requested direction method on them."""
     res_bad = capture_residuals(model, tokenizer, bad, batch_size=batch_size, system_prompt=bad.system_prompt)
     res_good = capture_residuals(model, tokenizer, good, batch_size=batch_size, system_prompt=good.system_prompt)
@@ -140,8 +168,10 @@ def compute_directions(model, tokenizer, bad: PromptSet, good: PromptSet, method
                 raise SearchError(f"direction method {method!r} needs hereticlab.methods ({exc})") from None
             name, _, rank = method.partition(":")
             if name not in DIRECTION_METHODS:
-                raise SearchError(f"unknown direction method {method!r}; known: mean_difference, projected, "
-                                  f"{', '.join(DIRECTION_METHODS)} (append :k for a rank, e.g. svd:2)")
+                raise SearchError(
+                    f"unknown direction method {method!r}; known: mean_difference, projected, "
+                    f"{', '.join(DIRECTION_METHODS)} (append :k for a rank, e.g. svd:2)"
+                )
             out[method] = DIRECTION_METHODS[name](res_bad, res_good, rank=int(rank or 1))
     return out
 
@@ -151,7 +181,9 @@ def _load_or_compute_directions(config, model, tokenizer, splits, out: Path) -> 
     paths = {m: folder / f"{m.replace(':', '_')}.safetensors" for m in config.methods}
     if all(p.exists() for p in paths.values()):
         return {m: Directions.load(p) for m, p in paths.items()}
-    dirs = compute_directions(model, tokenizer, splits["bad_train"], splits["good_train"], config.methods, config.batch_size)
+    dirs = compute_directions(
+        model, tokenizer, splits["bad_train"], splits["good_train"], config.methods, config.batch_size
+    )
     folder.mkdir(parents=True, exist_ok=True)
     for m, d in dirs.items():
         tmp = paths[m].with_suffix(f".tmp{os.getpid()}")
@@ -167,8 +199,10 @@ def _check_run_dir(config: RunConfig, out: Path) -> None:
         diff = {k: (old.get(k), v) for k, v in config.identity().items() if old.get(k) != v}
         if diff:
             first = next(iter(diff))
-            raise SearchError(f"{out} holds a run with other settings ({first}: {diff[first][0]!r} there, "
-                              f"{diff[first][1]!r} now); use another --out or the same settings to resume")
+            raise SearchError(
+                f"{out} holds a run with other settings ({first}: {diff[first][0]!r} there, "
+                f"{diff[first][1]!r} now); use another --out or the same settings to resume"
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(settings, json.dumps(config.identity(), indent=2))
@@ -205,9 +239,16 @@ def _behaviour(config: RunConfig):
     return get_behaviour(config.behaviour)
 
 
-def make_objective(evaluator: TrialEvaluator, model, directions, space: SearchSpace, kl_floor: float,
-                   extra_scorers: dict[str, Callable] | None = None, measure: Callable[[list[str]], float] | None = None,
-                   worst: float | None = None):
+def make_objective(
+    evaluator: TrialEvaluator,
+    model,
+    directions,
+    space: SearchSpace,
+    kl_floor: float,
+    extra_scorers: dict[str, Callable] | None = None,
+    measure: Callable[[list[str]], float] | None = None,
+    worst: float | None = None,
+):
     """The Optuna objective: sample, edit in place, evaluate with prefix reuse, revert; store details as attrs.
 
     ``measure``: turns the responses into the first objective instead of counting decisions (a behaviour whose
@@ -239,8 +280,16 @@ def make_objective(evaluator: TrialEvaluator, model, directions, space: SearchSp
     return objective
 
 
-def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSpace | None = None,
-               worker_trials: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
+def run_search(
+    config: RunConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    space: SearchSpace | None = None,
+    worker_trials: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
     """Run (or resume) a search and, unless ``config.export`` is False, choose a trial and export it.
 
     ``worker_trials``: run exactly this many trials in this process (several workers on one storage); otherwise
@@ -254,8 +303,13 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     splits = prompt_splits(config, behaviour)
     storage = make_storage(config.storage, out)
     # A storage given explicitly (or a fixed trial count) means other workers may share the study: seed per trial.
-    study = open_study(config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials,
-                       shared=config.storage is not None or worker_trials is not None)
+    study = open_study(
+        config.study_name,
+        storage,
+        seed=config.seed,
+        n_startup_trials=config.startup_trials,
+        shared=config.storage is not None or worker_trials is not None,
+    )
     if config.storage is None:
         requeued = requeue_interrupted(study)
         if requeued:
@@ -270,18 +324,30 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     batch = config.batch_size or tune_batch_size(model, tokenizer, splits["bad_search"], candidates=(8, 16, 32, 64))
     # Each PromptSet carries its own system prompt (behaviours contrast two of them).
     evaluator = TrialEvaluator(
-        model, tokenizer, splits["bad_search"], splits["good_search"], detector=detector,
+        model,
+        tokenizer,
+        splits["bad_search"],
+        splits["good_search"],
+        detector=detector,
         decide_after=config.decide_after if behaviour is None else behaviour.max_new_tokens,
         max_new_tokens=config.max_new_tokens if behaviour is None else behaviour.max_new_tokens,
-        kl_ceiling=config.kl_ceiling, batch_size=batch, progress=progress,
+        kl_ceiling=config.kl_ceiling,
+        batch_size=batch,
+        progress=progress,
         early_stop=True if behaviour is None else behaviour.early_stop_safe,
     )
     baseline = evaluator.baseline()
-    _atomic_write(out / "baseline.json", json.dumps({"refusals": baseline.refusals, "n_prompts": baseline.n_prompts,
-                                                      "seconds": baseline.seconds}, indent=2))
+    _atomic_write(
+        out / "baseline.json",
+        json.dumps(
+            {"refusals": baseline.refusals, "n_prompts": baseline.n_prompts, "seconds": baseline.seconds}, indent=2
+        ),
+    )
     counted = "refusals" if behaviour is None else f"responses with {behaviour.name}"
-    log(f"baseline: {baseline.refusals}/{baseline.n_prompts} {counted} on the search prompts "
-        f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})")
+    log(
+        f"baseline: {baseline.refusals}/{baseline.n_prompts} {counted} on the search prompts "
+        f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})"
+    )
     measure = worst = None
     if behaviour is not None and behaviour.count == "mean":  # e.g. verbosity: minimize mean words, not a count
         measure, worst = behaviour.measure, behaviour.measure(baseline.responses)
@@ -295,7 +361,9 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
         def on_trial(study, trial):
             bar.update(1)
             r = trial.user_attrs.get("refusals")
-            bar.set_postfix_str(f"#{trial.number}: refusals={'pruned' if r is None else r} kl={trial.user_attrs.get('kl', float('nan')):.3f}")
+            bar.set_postfix_str(
+                f"#{trial.number}: refusals={'pruned' if r is None else r} kl={trial.user_attrs.get('kl', float('nan')):.3f}"
+            )
 
         callbacks = [on_trial]
         if worker_trials is None:
@@ -305,8 +373,10 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
             study.optimize(objective, n_trials=todo, callbacks=callbacks, catch=())
         except KeyboardInterrupt:
             interrupted = True
-            log(f"\nstopped: {len(finished_trials(study))} finished trial(s) are kept in the study; "
-                "run the same command again to resume")
+            log(
+                f"\nstopped: {len(finished_trials(study))} finished trial(s) are kept in the study; "
+                "run the same command again to resume"
+            )
         finally:
             bar.close()
     write_tables(study, out, kl_max=config.kl_max)
@@ -318,9 +388,21 @@ def run_search(config: RunConfig, *, model=None, tokenizer=None, space: SearchSp
     chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
     result.chosen = chosen
     # Full-length generation of the final report is decode-bound: a larger batch amortizes each weight read.
-    result.record = finalize(replace(config, batch_size=max(batch, 32)), model, tokenizer, study, chosen, directions, splits,
-                             baseline, detector, out,
-                             log=log, seconds=time.perf_counter() - t0, behaviour=behaviour)
+    result.record = finalize(
+        replace(config, batch_size=max(batch, 32)),
+        model,
+        tokenizer,
+        study,
+        chosen,
+        directions,
+        splits,
+        baseline,
+        detector,
+        out,
+        log=log,
+        seconds=time.perf_counter() - t0,
+        behaviour=behaviour,
+    )
     write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
     return result
 
@@ -341,8 +423,22 @@ def write_tables(study, out: Path, *, kl_max: float, chosen: int | None = None) 
     plt.close(fig)
 
 
-def finalize(config, model, tokenizer, study, chosen, directions, splits, baseline, detector, out: Path, *, log=print,
-             seconds: float = 0.0, behaviour=None) -> dict:
+def finalize(
+    config,
+    model,
+    tokenizer,
+    study,
+    chosen,
+    directions,
+    splits,
+    baseline,
+    detector,
+    out: Path,
+    *,
+    log=print,
+    seconds: float = 0.0,
+    behaviour=None,
+) -> dict:
     """Re-measure the chosen trial on the held-out test prompts, export it, and write ``run.json``."""
     from ..interventions.edits import apply_edits
     from ..interventions.export import save_adapter, save_merged
@@ -354,22 +450,49 @@ def finalize(config, model, tokenizer, study, chosen, directions, splits, baseli
     report = {}
     if len(splits["bad_test"]) and len(splits["good_test"]):
         base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], batch_size=config.batch_size, **chat)
-        before = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens,
-                              batch_size=config.batch_size, **chat)
+        before = refusal_rate(
+            model,
+            tokenizer,
+            splits["bad_test"],
+            detector=detector,
+            max_new_tokens=new_tokens,
+            batch_size=config.batch_size,
+            **chat,
+        )
         with apply_edits(model, edits):
-            after = refusal_rate(model, tokenizer, splits["bad_test"], detector=detector, max_new_tokens=new_tokens,
-                              batch_size=config.batch_size, **chat)
-            kl = kl_divergence(model, tokenizer, splits["good_test"], baseline=base_lp, batch_size=config.batch_size, **chat)
-        report = {"n_prompts": len(before), "refusals_before": before.attrs["refusals"],
-                  "refusals_after": after.attrs["refusals"], "kl": kl, "max_new_tokens": new_tokens}
+            after = refusal_rate(
+                model,
+                tokenizer,
+                splits["bad_test"],
+                detector=detector,
+                max_new_tokens=new_tokens,
+                batch_size=config.batch_size,
+                **chat,
+            )
+            kl = kl_divergence(
+                model, tokenizer, splits["good_test"], baseline=base_lp, batch_size=config.batch_size, **chat
+            )
+        report = {
+            "n_prompts": len(before),
+            "refusals_before": before.attrs["refusals"],
+            "refusals_after": after.attrs["refusals"],
+            "kl": kl,
+            "max_new_tokens": new_tokens,
+        }
         if behaviour is not None:  # the behaviour's own objective (a count or a mean score) on the test prompts
             report["measure_before"] = behaviour.measure(list(before["response"]))
             report["measure_after"] = behaviour.measure(list(after["response"]))
-        examples = before[["prompt"]].assign(response_before=before["response"], refused_before=before["refused"],
-                                             response_after=after["response"], refused_after=after["refused"])
+        examples = before[["prompt"]].assign(
+            response_before=before["response"],
+            refused_before=before["refused"],
+            response_after=after["response"],
+            refused_after=after["refused"],
+        )
         examples.to_csv(out / "test_responses.csv", index=False)
-        log(f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {'refusals' if behaviour is None else behaviour.name} "
-            f"{report['refusals_before']} → {report['refusals_after']}; KL on {len(splits['good_test'])} harmless = {kl:.3f}")
+        log(
+            f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {'refusals' if behaviour is None else behaviour.name} "
+            f"{report['refusals_before']} → {report['refusals_after']}; KL on {len(splits['good_test'])} harmless = {kl:.3f}"
+        )
         if behaviour is not None and behaviour.count == "mean":
             log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
     hashes, adapter = {}, None
@@ -382,12 +505,20 @@ def finalize(config, model, tokenizer, study, chosen, directions, splits, baseli
     record = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "versions": package_versions(),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype),
+        },
         "directions": {m: f"directions/{m.replace(':', '_')}.safetensors" for m in directions},
         "baseline_search": {"refusals": baseline.refusals, "n_prompts": baseline.n_prompts},
-        "chosen_trial": {"number": chosen.number, "params": params, "refusals": chosen.user_attrs.get("refusals"),
-                         "kl": chosen.user_attrs.get("kl")},
+        "chosen_trial": {
+            "number": chosen.number,
+            "params": params,
+            "refusals": chosen.user_attrs.get("refusals"),
+            "kl": chosen.user_attrs.get("kl"),
+        },
         "test": report,
         "n_trials": len(finished_trials(study)),
         "seconds": round(seconds, 1),

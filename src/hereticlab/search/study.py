@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -56,7 +57,7 @@ class SearchSpace:
     kernels: tuple[str, ...] = ("tent",)
     pinned: dict[str, Any] = field(default_factory=dict)
 
-    def pin(self, **values) -> "SearchSpace":
+    def pin(self, **values) -> SearchSpace:
         return replace(self, pinned={**self.pinned, **values})
 
     def _choice(self, trial, name, choices):
@@ -78,9 +79,13 @@ class SearchSpace:
         if params["scope"] == "global" or "direction_index" in self.pinned:
             params["direction_index"] = self._float(trial, "direction_index", *self.direction_index)
         for comp in self.components:
-            params[f"{comp}.max_weight"] = self._float(trial, f"{comp}.max_weight", *self.max_weight.get(comp, (0.8, 1.5)))
+            params[f"{comp}.max_weight"] = self._float(
+                trial, f"{comp}.max_weight", *self.max_weight.get(comp, (0.8, 1.5))
+            )
             params[f"{comp}.peak_position"] = self._float(trial, f"{comp}.peak_position", *self.peak_position)
-            params[f"{comp}.min_weight_fraction"] = self._float(trial, f"{comp}.min_weight_fraction", *self.min_weight_fraction)
+            params[f"{comp}.min_weight_fraction"] = self._float(
+                trial, f"{comp}.min_weight_fraction", *self.min_weight_fraction
+            )
             params[f"{comp}.reach"] = self._float(trial, f"{comp}.reach", *self.reach)
         return params
 
@@ -100,14 +105,18 @@ def layer_kernel(params: Mapping[str, Any], component: str, n_layers: int) -> to
 
 
 def edits_from_params(
-    model: nn.Module, directions: Directions | Mapping[str, Directions], params: Mapping[str, Any],
+    model: nn.Module,
+    directions: Directions | Mapping[str, Directions],
+    params: Mapping[str, Any],
     components: Sequence[str] | None = None,
 ) -> list[WriterEdit]:
     """The exact edit a parameter set describes. ``directions``: one ``Directions`` or a dict method → Directions."""
     if isinstance(directions, Mapping):
         method = params.get("method", next(iter(directions)))
         if method not in directions:
-            raise SearchError(f"trial uses direction method {method!r}, which this run did not compute ({', '.join(directions)})")
+            raise SearchError(
+                f"trial uses direction method {method!r}, which this run did not compute ({', '.join(directions)})"
+            )
         directions = directions[method]
     n_layers = len(find_layers(model))
     components = tuple(components or sorted({k.split(".")[0] for k in params if k.endswith(".max_weight")}))
@@ -131,8 +140,12 @@ def database_url(storage: str) -> str:
     import importlib.util
 
     scheme, sep, rest = storage.partition("://")
-    if sep and scheme == "postgresql" and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
+    if (
+        sep
+        and scheme == "postgresql"
+        and importlib.util.find_spec("psycopg") is None
+        and importlib.util.find_spec("psycopg2") is not None
+    ):
         return f"postgresql+psycopg2://{rest}"
     return storage
 
@@ -164,8 +177,10 @@ def make_storage(storage: str | None, run_dir: str | Path | None = None):
             if type(exc).__name__ in ("IntegrityError", "OperationalError") and attempt < 9:
                 time.sleep(0.2 + 0.3 * attempt)
                 continue
-            raise SearchError(f"cannot open storage {storage!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                              "pass a valid URL such as sqlite:///study.db") from None
+            raise SearchError(
+                f"cannot open storage {storage!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "pass a valid URL such as sqlite:///study.db"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -188,8 +203,10 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         if self._trial_seed is None:
             return
         if tpe_rng is None or random_rng is None:  # never run a shared study with silently repeated start-up trials
-            raise SearchError(f"optuna {optuna.__version__} moved the sampler's random state, so workers of a shared "
-                              "study would repeat each other's start-up trials; install the locked versions (make setup)")
+            raise SearchError(
+                f"optuna {optuna.__version__} moved the sampler's random state, so workers of a shared "
+                "study would repeat each other's start-up trials; install the locked versions (make setup)"
+            )
         tpe_seed, random_seed = np.random.SeedSequence([self._trial_seed % 2**64, trial.number]).generate_state(2)
         tpe_rng.rng.seed(int(tpe_seed))
         random_rng.rng.seed(int(random_seed))
@@ -205,8 +222,13 @@ def open_study(name: str, storage, *, seed: int = 0, n_startup_trials: int = 10,
     sampler = sampler_class(seed=seed, multivariate=True, n_startup_trials=n_startup_trials, constant_liar=True)
     for attempt in range(10):
         try:
-            return optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
-                                       sampler=sampler, load_if_exists=True)
+            return optuna.create_study(
+                study_name=name,
+                storage=storage,
+                directions=["minimize", "minimize"],
+                sampler=sampler,
+                load_if_exists=True,
+            )
         except Exception:  # noqa: BLE001 - two workers creating one study at once race on the database
             if attempt == 9:
                 raise
@@ -243,14 +265,16 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in finished_trials(study):
         pruned = bool(t.user_attrs.get("pruned", False))
-        rows.append({
-            "trial": t.number,
-            "refusals": None if pruned else t.user_attrs.get("refusals", t.values[0]),
-            "kl": t.user_attrs.get("kl", t.values[1]),
-            "pruned": pruned,
-            "seconds": t.user_attrs.get("seconds"),
-            **{f"param.{k}": v for k, v in t.user_attrs.get("params", t.params).items()},
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "refusals": None if pruned else t.user_attrs.get("refusals", t.values[0]),
+                "kl": t.user_attrs.get("kl", t.values[1]),
+                "pruned": pruned,
+                "seconds": t.user_attrs.get("seconds"),
+                **{f"param.{k}": v for k, v in t.user_attrs.get("params", t.params).items()},
+            }
+        )
     frame = pd.DataFrame(rows)
     return frame.sort_values("trial").reset_index(drop=True) if len(frame) else frame
 
@@ -264,8 +288,11 @@ def pareto(study: optuna.Study) -> pd.DataFrame:
     table["refusals"] = table["refusals"].astype(int)
     keep = []
     for i, row in table.iterrows():
-        dominated = ((table["refusals"] <= row.refusals) & (table["kl"] <= row.kl)
-                     & ((table["refusals"] < row.refusals) | (table["kl"] < row.kl))).any()
+        dominated = (
+            (table["refusals"] <= row.refusals)
+            & (table["kl"] <= row.kl)
+            & ((table["refusals"] < row.refusals) | (table["kl"] < row.kl))
+        ).any()
         if not dominated:
             keep.append(i)
     return table.loc[keep].sort_values(["refusals", "kl"]).reset_index(drop=True)
@@ -276,14 +303,18 @@ def choose_trial(study: optuna.Study, *, kl_max: float = 0.2, trial: int | None 
     done = {t.number: t for t in finished_trials(study)}
     if trial is not None:
         if trial not in done:
-            raise SearchError(f"trial {trial} does not exist or did not finish; finished trials: "
-                              f"{min(done, default='none')}..{max(done, default='none')}")
+            raise SearchError(
+                f"trial {trial} does not exist or did not finish; finished trials: "
+                f"{min(done, default='none')}..{max(done, default='none')}"
+            )
         return done[trial]
     table = pareto(study)
     under = table[table["kl"] <= kl_max] if len(table) else table
     if under.empty:
         best_kl = f"{table['kl'].min():.3f}" if len(table) else "n/a"
-        raise SearchError(f"no finished trial has KL ≤ {kl_max} (lowest: {best_kl}); raise --kl-max or pick one with --trial N")
+        raise SearchError(
+            f"no finished trial has KL ≤ {kl_max} (lowest: {best_kl}); raise --kl-max or pick one with --trial N"
+        )
     return done[int(under.iloc[0]["trial"])]
 
 
@@ -320,8 +351,9 @@ def plot_pareto(study_or_table, *, ax=None, kl_max: float | None = None, chosen:
     return fig
 
 
-def objective_values(refusals: float | None, kl: float, *, n_prompts: int, kl_floor: float = 0.01,
-                     worst: float | None = None) -> tuple[float, float]:
+def objective_values(
+    refusals: float | None, kl: float, *, n_prompts: int, kl_floor: float = 0.01, worst: float | None = None
+) -> tuple[float, float]:
     """What the optimizer sees. A pruned trial (``refusals=None``) counts as refusing everything (or ``worst``,
     for objectives that are not counts); KL below ``kl_floor`` counts as ``kl_floor``, so near-no-op trials (tiny
     KL, baseline refusals) cannot dominate the front by KL alone and TPE's attention goes to trials that remove

@@ -37,9 +37,13 @@ DIALECTS = {
 }
 # SQLAlchemy driver name → (module to import, pip package).
 DRIVERS = {
-    "psycopg2": ("psycopg2", "psycopg2-binary"), "psycopg": ("psycopg", "'psycopg[binary]'"),
-    "pg8000": ("pg8000", "pg8000"), "pymysql": ("pymysql", "PyMySQL"), "mysqldb": ("MySQLdb", "mysqlclient"),
-    "mysqlconnector": ("mysql.connector", "mysql-connector-python"), "mariadbconnector": ("mariadb", "mariadb"),
+    "psycopg2": ("psycopg2", "psycopg2-binary"),
+    "psycopg": ("psycopg", "'psycopg[binary]'"),
+    "pg8000": ("pg8000", "pg8000"),
+    "pymysql": ("pymysql", "PyMySQL"),
+    "mysqldb": ("MySQLdb", "mysqlclient"),
+    "mysqlconnector": ("mysql.connector", "mysql-connector-python"),
+    "mariadbconnector": ("mariadb", "mariadb"),
 }
 _MODULE_PIP = {module: pip for module, pip in DRIVERS.values()}
 
@@ -87,7 +91,9 @@ def check_kl(flag: str, value: float, *, allow_negative: bool = False) -> None:
 def _split_list(flag: str, text: str) -> list[str]:
     items = [part.strip() for part in text.split(",") if part.strip()]
     if not items:
-        raise InputError(f"{flag} is empty", f"pass at least one name, e.g. {flag} {'projected' if 'method' in flag else 'none'}")
+        raise InputError(
+            f"{flag} is empty", f"pass at least one name, e.g. {flag} {'projected' if 'method' in flag else 'none'}"
+        )
     return items
 
 
@@ -100,17 +106,26 @@ def check_methods(text: str, *, train_prompts: int | None = None) -> tuple[str, 
     for item in _split_list("--methods", text):
         name, colon, rank_text = item.partition(":")
         if name not in DIRECTION_METHODS:
-            raise InputError(f"--methods: unknown direction method {name!r}", f"choose from {known} (append :k for a rank, e.g. svd:2)")
+            raise InputError(
+                f"--methods: unknown direction method {name!r}",
+                f"choose from {known} (append :k for a rank, e.g. svd:2)",
+            )
         if colon:
             if not rank_text.isdigit() or int(rank_text) < 1:
-                raise InputError(f"--methods: rank {rank_text!r} in {item!r} is not a positive integer", f"write e.g. {name}:2")
+                raise InputError(
+                    f"--methods: rank {rank_text!r} in {item!r} is not a positive integer", f"write e.g. {name}:2"
+                )
             rank = int(rank_text)
             if rank > 1 and name in RANK_ONE_ONLY:
-                raise InputError(f"--methods: {name} gives one direction per layer, not rank {rank}",
-                                 "use svd:k, pca_pairs:k or cluster:k for a subspace")
+                raise InputError(
+                    f"--methods: {name} gives one direction per layer, not rank {rank}",
+                    "use svd:k, pca_pairs:k or cluster:k for a subspace",
+                )
             if train_prompts is not None and rank > train_prompts:
-                raise InputError(f"--methods: rank {rank} in {item!r} exceeds --train-prompts={train_prompts}",
-                                 "lower the rank or raise --train-prompts")
+                raise InputError(
+                    f"--methods: rank {rank} in {item!r} exceeds --train-prompts={train_prompts}",
+                    "lower the rank or raise --train-prompts",
+                )
         if item not in out:
             out.append(item)
     return tuple(out)
@@ -140,7 +155,10 @@ def check_behaviour(name: str) -> str:
 
 def check_dtype(text: str | None, flag: str = "--dtype") -> None:
     if text is not None and text not in DTYPES:
-        raise InputError(f"{flag}: unknown dtype {text!r}", f"choose from {', '.join(DTYPES)} (or leave it out: fp32 on CPU, bf16 on CUDA)")
+        raise InputError(
+            f"{flag}: unknown dtype {text!r}",
+            f"choose from {', '.join(DTYPES)} (or leave it out: fp32 on CPU, bf16 on CUDA)",
+        )
 
 
 def check_device(text: str | None, flag: str = "--device") -> None:
@@ -158,11 +176,15 @@ def check_device(text: str | None, flag: str = "--device") -> None:
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if count == 0:
-                raise EnvironmentProblem(f"{flag} {text}: no CUDA GPU is visible on this machine",
-                                         "use --device cpu (or leave --device out), or run on a machine with a GPU")
+                raise EnvironmentProblem(
+                    f"{flag} {text}: no CUDA GPU is visible on this machine",
+                    "use --device cpu (or leave --device out), or run on a machine with a GPU",
+                )
             if device.index is not None and device.index >= count:
-                raise EnvironmentProblem(f"{flag} {text}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})",
-                                         "pass an existing index or plain cuda")
+                raise EnvironmentProblem(
+                    f"{flag} {text}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})",
+                    "pass an existing index or plain cuda",
+                )
         elif device.type == "mps":
             if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
                 raise EnvironmentProblem(f"{flag} mps: Apple MPS is not available on this machine", "use --device cpu")
@@ -188,7 +210,10 @@ def check_model(name: str, flag: str = "--model") -> None:
 
         family = name.split(":", 1)[1]
         if family not in ALL_FAMILIES:
-            raise InputError(f"{flag}: unknown tiny model family {family!r}", f"use tiny:<family> with one of {', '.join(ALL_FAMILIES)}")
+            raise InputError(
+                f"{flag}: unknown tiny model family {family!r}",
+                f"use tiny:<family> with one of {', '.join(ALL_FAMILIES)}",
+            )
         return
     if name in PACKAGED_MODELS:
         folder = cache_dir() / PACKAGED_MODELS[name].key
@@ -198,28 +223,41 @@ def check_model(name: str, flag: str = "--model") -> None:
             _packaged_files(PACKAGED_MODELS[name])  # package metadata only; nothing is read or converted
         except ModelLoadError as exc:
             problem, _, fix = str(exc).partition("; ")
-            raise EnvironmentProblem(f"{flag} {name}: {problem}", fix or "reinstall hereticlab's model packages") from None
+            raise EnvironmentProblem(
+                f"{flag} {name}: {problem}", fix or "reinstall hereticlab's model packages"
+            ) from None
         return
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise InputError(f"{flag} {name} is a file, not a model folder", "pass the folder that holds config.json (e.g. runs/default/model)")
+            raise InputError(
+                f"{flag} {name} is a file, not a model folder",
+                "pass the folder that holds config.json (e.g. runs/default/model)",
+            )
         if not (path / "config.json").is_file():
-            raise InputError(f"{flag} {name} is not a model folder (no config.json)",
-                             "pass a folder saved by save_pretrained (e.g. runs/default/model)")
+            raise InputError(
+                f"{flag} {name} is not a model folder (no config.json)",
+                "pass a folder saved by save_pretrained (e.g. runs/default/model)",
+            )
         if not any(any(path.glob(pattern)) for pattern in _WEIGHT_GLOBS):
-            raise InputError(f"{flag} {name} has a config.json but no weights (*.safetensors or *.bin)",
-                             "export the model again (hereticlab run / replay) or pass a complete folder")
+            raise InputError(
+                f"{flag} {name} has a config.json but no weights (*.safetensors or *.bin)",
+                "export the model again (hereticlab run / replay) or pass a complete folder",
+            )
         return
     if name.count("/") > 1 or name.startswith((".", "/", "~")) or name.endswith("/"):
-        raise InputError(f"no model folder at {name} ({flag})", "check the path ('hereticlab run' writes one to <out>/model)")
+        raise InputError(
+            f"no model folder at {name} ({flag})", "check the path ('hereticlab run' writes one to <out>/model)"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         snapshot_download(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means: not usable offline
-        raise InputError(f"{flag} {name!r} is neither a local folder nor a hub id in the local Hugging Face cache",
-                         "pass an existing model folder, 'default' or tiny:llama (this machine is offline)") from None
+        raise InputError(
+            f"{flag} {name!r} is neither a local folder nor a hub id in the local Hugging Face cache",
+            "pass an existing model folder, 'default' or tiny:llama (this machine is offline)",
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,11 +273,15 @@ def check_prompts(source: str, flag: str):
         prompts = load_prompts(source)
     except PromptError as exc:
         problem, _, fix = str(exc).partition("; ")
-        raise InputError(f"{flag}: {problem}", fix or "pass a named set or a text file with one prompt per line") from None
+        raise InputError(
+            f"{flag}: {problem}", fix or "pass a named set or a text file with one prompt per line"
+        ) from None
     for i, prompt in enumerate(prompts):
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise InputError(f"{flag}: prompt #{i + 1} of {source} is {len(prompt):,} characters long (limit {MAX_PROMPT_CHARS:,})",
-                             "shorten it, or check that the file holds one prompt per line")
+            raise InputError(
+                f"{flag}: prompt #{i + 1} of {source} is {len(prompt):,} characters long (limit {MAX_PROMPT_CHARS:,})",
+                "shorten it, or check that the file holds one prompt per line",
+            )
     return prompts
 
 
@@ -248,13 +290,18 @@ def check_run_split(prompts, flag: str, train: int, search: int) -> None:
     n, need = len(prompts), train + search + 1
     if train >= n:
         most = n - search - 1
-        fix = (f"lower --train-prompts to at most {most} (with --search-prompts {search}) or add prompts" if most >= 1 else
-               f"add prompts: with --search-prompts {search} the set needs at least {search + 2} (train + search + 1 test)")
+        fix = (
+            f"lower --train-prompts to at most {most} (with --search-prompts {search}) or add prompts"
+            if most >= 1
+            else f"add prompts: with --search-prompts {search} the set needs at least {search + 2} (train + search + 1 test)"
+        )
         raise InputError(f"--train-prompts={train} but {flag} {prompts.name} has only {n} prompts", fix)
     if n < need:
-        raise InputError(f"{flag} {prompts.name} has {n} prompts but the split needs {need} "
-                         f"(--train-prompts {train} + --search-prompts {search} + at least 1 test prompt)",
-                         f"lower --search-prompts to at most {n - train - 1}, lower --train-prompts, or add prompts")
+        raise InputError(
+            f"{flag} {prompts.name} has {n} prompts but the split needs {need} "
+            f"(--train-prompts {train} + --search-prompts {search} + at least 1 test prompt)",
+            f"lower --search-prompts to at most {n - train - 1}, lower --train-prompts, or add prompts",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,20 +322,29 @@ def check_writable_folder(path_text: str | Path, flag: str) -> Path:
     path = Path(path_text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise InputError(f"{flag} {path} is an existing file, not a folder", f"pass a folder path to {flag} (it is created when missing)")
+            raise InputError(
+                f"{flag} {path} is an existing file, not a folder",
+                f"pass a folder path to {flag} (it is created when missing)",
+            )
         if not os.access(path, os.W_OK | os.X_OK):
             raise EnvironmentProblem(f"{flag} {path} is not writable", "fix its permissions or pass another folder")
         return path
     ancestor = _nearest_existing(path)
     if not ancestor.is_dir():
-        raise InputError(f"{flag} {path} cannot be created: {ancestor} is a file", "pass a path whose parents are folders")
+        raise InputError(
+            f"{flag} {path} cannot be created: {ancestor} is a file", "pass a path whose parents are folders"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise EnvironmentProblem(f"{flag} {path} cannot be created: {ancestor} is not writable", "pass a folder you can write to")
+        raise EnvironmentProblem(
+            f"{flag} {path} cannot be created: {ancestor} is not writable", "pass a folder you can write to"
+        )
     try:  # os.access says yes to root everywhere; an empty probe folder, removed at once, tells the truth
         os.rmdir(tempfile.mkdtemp(prefix=".hereticlab-probe-", dir=ancestor))
     except OSError as exc:
-        raise EnvironmentProblem(f"{flag} {path} cannot be created: {ancestor} is not writable ({exc.strerror or exc})",
-                                 "pass a folder you can write to") from None
+        raise EnvironmentProblem(
+            f"{flag} {path} cannot be created: {ancestor} is not writable ({exc.strerror or exc})",
+            "pass a folder you can write to",
+        ) from None
     return path
 
 
@@ -300,10 +356,14 @@ def check_run_dir(path_text: str) -> Path:
         try:
             data = json.loads(settings.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnvironmentProblem(f"{settings} is damaged ({_short(exc)}), so the run in {path} cannot be resumed",
-                                     "restore that file, or pass another --out for a new run") from None
+            raise EnvironmentProblem(
+                f"{settings} is damaged ({_short(exc)}), so the run in {path} cannot be resumed",
+                "restore that file, or pass another --out for a new run",
+            ) from None
         if not isinstance(data, dict):
-            raise EnvironmentProblem(f"{settings} does not hold run settings", "restore that file, or pass another --out")
+            raise EnvironmentProblem(
+                f"{settings} does not hold run settings", "restore that file, or pass another --out"
+            )
     return path
 
 
@@ -324,34 +384,45 @@ def _check_driver(modules: tuple[str, ...], storage: str) -> None:
     """At least one of ``modules`` (database drivers) is installed."""
     if not any(_installed(m) for m in modules):
         pip = " or ".join(_MODULE_PIP.get(m, m) for m in modules)
-        raise EnvironmentProblem(f"--storage {storage!r} needs the database driver {' or '.join(modules)}, which is not installed",
-                                 f"pip install {pip}, or use sqlite:///study.db")
+        raise EnvironmentProblem(
+            f"--storage {storage!r} needs the database driver {' or '.join(modules)}, which is not installed",
+            f"pip install {pip}, or use sqlite:///study.db",
+        )
 
 
 def _check_sqlite(database: str | None, storage: str, query: dict) -> None:
     if not database or database == ":memory:" or database.startswith("file::memory:"):
-        raise InputError(f"--storage {storage!r} is an in-memory database: every trial would be lost when the run ends",
-                         "pass a file, e.g. sqlite:///study.db")
+        raise InputError(
+            f"--storage {storage!r} is an in-memory database: every trial would be lost when the run ends",
+            "pass a file, e.g. sqlite:///study.db",
+        )
     if query.get("uri") or database.startswith("file:"):
         return  # SQLite URI filenames: leave them to SQLite
     path = Path(database).expanduser()
     if path.is_dir():
-        raise InputError(f"cannot open storage {storage!r}: {path} is a folder", "name a database file, e.g. sqlite:///study.db")
+        raise InputError(
+            f"cannot open storage {storage!r}: {path} is a folder", "name a database file, e.g. sqlite:///study.db"
+        )
     parent = path.parent
     if not parent.is_dir():
         what = "is a file, not a directory" if parent.exists() else "does not exist"
-        raise InputError(f"cannot open storage {storage!r}: directory {parent} {what}",
-                         f"create it first (mkdir -p {parent}) or put the database in an existing folder")
+        raise InputError(
+            f"cannot open storage {storage!r}: directory {parent} {what}",
+            f"create it first (mkdir -p {parent}) or put the database in an existing folder",
+        )
     if path.exists():
         try:
             with open(path, "rb") as f:
                 head = f.read(16)
         except OSError as exc:
-            raise EnvironmentProblem(f"cannot open storage {storage!r}: {path} is not readable ({exc.strerror})",
-                                     "fix its permissions") from None
+            raise EnvironmentProblem(
+                f"cannot open storage {storage!r}: {path} is not readable ({exc.strerror})", "fix its permissions"
+            ) from None
         if head and head != b"SQLite format 3\0":
-            raise InputError(f"cannot open storage {storage!r}: {path} is not a SQLite database",
-                             "name a new file or an existing Optuna SQLite database")
+            raise InputError(
+                f"cannot open storage {storage!r}: {path} is not a SQLite database",
+                "name a new file or an existing Optuna SQLite database",
+            )
         if not os.access(path, os.W_OK):
             raise EnvironmentProblem(f"cannot open storage {storage!r}: {path} is read-only", "fix its permissions")
     else:
@@ -376,8 +447,9 @@ def _greeting_problem(sock: socket.socket, dialect: str) -> str | None:
         return (exc.strerror or str(exc)).lower()
 
 
-def check_reachable(host: str, port: int, label: str, storage: str, *, dialect: str = "postgresql",
-                    timeout: float = CONNECT_TIMEOUT_S) -> None:
+def check_reachable(
+    host: str, port: int, label: str, storage: str, *, dialect: str = "postgresql", timeout: float = CONNECT_TIMEOUT_S
+) -> None:
     """One TCP connect to ``host:port`` (``timeout`` seconds) and a look at the server's first protocol bytes;
     raises ``EnvironmentProblem`` when nothing answers or something else (a proxy, a web server) does."""
     try:
@@ -385,16 +457,20 @@ def check_reachable(host: str, port: int, label: str, storage: str, *, dialect: 
             reason = _greeting_problem(sock, dialect)
             if reason is None:
                 return
-            raise EnvironmentProblem(f"the server at {host}:{port} named in --storage does not answer like a {label} server ({reason})",
-                                     "fix host/port in the URL, or use sqlite:///study.db")
+            raise EnvironmentProblem(
+                f"the server at {host}:{port} named in --storage does not answer like a {label} server ({reason})",
+                "fix host/port in the URL, or use sqlite:///study.db",
+            )
     except socket.gaierror:
         reason = "unknown host"
     except TimeoutError:
         reason = f"no answer within {timeout:g} s"
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
-    raise EnvironmentProblem(f"cannot reach the {label} server at {host}:{port} for --storage ({reason})",
-                             "start the server, fix host/port in the URL, or use sqlite:///study.db")
+    raise EnvironmentProblem(
+        f"cannot reach the {label} server at {host}:{port} for --storage ({reason})",
+        "start the server, fix host/port in the URL, or use sqlite:///study.db",
+    )
 
 
 def check_storage(storage: str | None) -> None:
@@ -402,7 +478,9 @@ def check_storage(storage: str | None) -> None:
     if storage is None:
         return
     if not storage.strip():
-        raise InputError("--storage is empty", "leave it out (the study goes to <out>/study.journal) or pass sqlite:///study.db")
+        raise InputError(
+            "--storage is empty", "leave it out (the study goes to <out>/study.journal) or pass sqlite:///study.db"
+        )
     if "://" not in storage:
         if storage.endswith((".journal", ".log")):
             path = Path(storage).expanduser()
@@ -414,8 +492,10 @@ def check_storage(storage: str | None) -> None:
             else:
                 check_writable_folder(path.parent, "--storage folder")
             return
-        raise InputError(f"cannot open storage {storage!r}: not a URL or a .journal file",
-                         "pass sqlite:///study.db, postgresql://user@host:5432/db or a path ending in .journal")
+        raise InputError(
+            f"cannot open storage {storage!r}: not a URL or a .journal file",
+            "pass sqlite:///study.db, postgresql://user@host:5432/db or a path ending in .journal",
+        )
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -423,17 +503,23 @@ def check_storage(storage: str | None) -> None:
         url = make_url(storage)
         port = url.port
     except (ArgumentError, ValueError) as exc:
-        raise InputError(f"cannot open storage {storage!r}: the URL does not parse ({_short(exc)})",
-                         "write it as dialect://user:password@host:port/database, e.g. postgresql://me@db:5432/optuna") from None
+        raise InputError(
+            f"cannot open storage {storage!r}: the URL does not parse ({_short(exc)})",
+            "write it as dialect://user:password@host:port/database, e.g. postgresql://me@db:5432/optuna",
+        ) from None
     dialect, _, driver = url.drivername.partition("+")
     if dialect == "sqlite":
         _check_sqlite(url.database, storage, dict(url.query))
         return
     if dialect == "postgres":
-        raise InputError(f"cannot open storage {storage!r}: the scheme postgres:// is not recognized", "write postgresql://")
+        raise InputError(
+            f"cannot open storage {storage!r}: the scheme postgres:// is not recognized", "write postgresql://"
+        )
     if dialect not in DIALECTS:
-        raise InputError(f"cannot open storage {storage!r}: unknown scheme {url.drivername!r}",
-                         f"use sqlite:///study.db, a .journal file, or one of {', '.join(d + '://' for d in DIALECTS)}")
+        raise InputError(
+            f"cannot open storage {storage!r}: unknown scheme {url.drivername!r}",
+            f"use sqlite:///study.db, a .journal file, or one of {', '.join(d + '://' for d in DIALECTS)}",
+        )
     label, default_port, default_drivers = DIALECTS[dialect]
     modules = (DRIVERS[driver][0],) if driver in DRIVERS else (default_drivers if not driver else ())
     if modules:
@@ -463,7 +549,11 @@ def _safetensors_header_ok(path: Path) -> str | None:
         return _short(exc)
     if not isinstance(header, dict):
         return "header is not a table"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
     if ends and 8 + n + max(ends) > size:
         return f"truncated ({size} bytes, the header promises {8 + n + max(ends)})"
     return None
@@ -473,7 +563,11 @@ def check_run_record(path_text: str) -> dict[str, Any]:
     """``replay``'s run.json: exists, parses, has the fields replay reads, and its direction files are intact."""
     path = Path(path_text).expanduser()
     if path.is_dir():
-        hint = f"pass {path / 'run.json'}" if (path / "run.json").is_file() else "pass the run.json written by 'hereticlab run'"
+        hint = (
+            f"pass {path / 'run.json'}"
+            if (path / "run.json").is_file()
+            else "pass the run.json written by 'hereticlab run'"
+        )
         raise InputError(f"{path} is a folder, not a run.json", hint)
     if not path.is_file():
         raise InputError(f"{path} does not exist", "pass the run.json written by 'hereticlab run'")
@@ -482,8 +576,10 @@ def check_run_record(path_text: str) -> dict[str, Any]:
     except OSError as exc:
         raise EnvironmentProblem(f"cannot read {path} ({exc.strerror})", "fix its permissions") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON (truncated or damaged: {_short(exc)})",
-                         "restore it from a copy, or run 'hereticlab run' with --trial N on its run folder to write it again") from None
+        raise InputError(
+            f"{path} is not valid JSON (truncated or damaged: {_short(exc)})",
+            "restore it from a copy, or run 'hereticlab run' with --trial N on its run folder to write it again",
+        ) from None
     problem = None
     if not isinstance(record, dict):
         problem = "is not a JSON object"
@@ -494,16 +590,23 @@ def check_run_record(path_text: str) -> dict[str, Any]:
     elif not isinstance(record.get("chosen_trial"), dict) or not isinstance(record["chosen_trial"].get("params"), dict):
         problem = "has no chosen_trial.params"
     if problem:
-        raise InputError(f"{path} {problem}, so it is not a complete run.json",
-                         "pass the run.json that 'hereticlab run' wrote (it is written last, after the export)")
+        raise InputError(
+            f"{path} {problem}, so it is not a complete run.json",
+            "pass the run.json that 'hereticlab run' wrote (it is written last, after the export)",
+        )
     for method, rel in record["directions"].items():
         file = path.parent / str(rel)
         if not file.is_file():
-            raise InputError(f"{path} names directions {file} for {method!r}, which does not exist",
-                             "keep run.json inside its run folder (next to directions/)")
+            raise InputError(
+                f"{path} names directions {file} for {method!r}, which does not exist",
+                "keep run.json inside its run folder (next to directions/)",
+            )
         reason = _safetensors_header_ok(file)
         if reason:
-            raise InputError(f"direction file {file} is damaged ({reason})", "restore it, or run 'hereticlab run' again in a new folder")
+            raise InputError(
+                f"direction file {file} is damaged ({reason})",
+                "restore it, or run 'hereticlab run' again in a new folder",
+            )
     settings = record["settings"]
     check_model(settings["model"], "run.json settings.model")
     check_dtype(settings.get("dtype"), "run.json settings.dtype")
@@ -527,10 +630,16 @@ class RunInputs:
 
 def validate_run(args) -> RunInputs:
     """Every check for ``hereticlab run``, cheapest first. Nothing is written or loaded."""
-    for flag, value, minimum in (("--trials", args.trials, 1), ("--startup-trials", args.startup_trials, 1),
-                                 ("--worker-trials", args.worker_trials, 1), ("--train-prompts", args.train_prompts, 1),
-                                 ("--search-prompts", args.search_prompts, 1), ("--decide-after", args.decide_after, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--trial", args.trial, 0)):
+    for flag, value, minimum in (
+        ("--trials", args.trials, 1),
+        ("--startup-trials", args.startup_trials, 1),
+        ("--worker-trials", args.worker_trials, 1),
+        ("--train-prompts", args.train_prompts, 1),
+        ("--search-prompts", args.search_prompts, 1),
+        ("--decide-after", args.decide_after, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--trial", args.trial, 0),
+    ):
         check_count(flag, value, minimum)
     check_seed("--seed", args.seed)
     check_kl("--kl-max", args.kl_max)
@@ -547,22 +656,31 @@ def validate_run(args) -> RunInputs:
         for flag, source in (("--harmful", args.harmful), ("--harmless", args.harmless)):
             check_run_split(check_prompts(source, flag), flag, args.train_prompts, args.search_prompts)
     else:
-        for flag, value, default in (("--harmful", args.harmful, "harmful"), ("--harmless", args.harmless, "harmless"),
-                                     ("--system-prompt", args.system_prompt, None)):
+        for flag, value, default in (
+            ("--harmful", args.harmful, "harmful"),
+            ("--harmless", args.harmless, "harmless"),
+            ("--system-prompt", args.system_prompt, None),
+        ):
             if value != default:
-                raise InputError(f"{flag} is not used with --behaviour {behaviour} (it brings its own prompts and system prompts)",
-                                 f"leave {flag} out, or use --behaviour refusal")
-        from ..measure.behaviours import get_behaviour
+                raise InputError(
+                    f"{flag} is not used with --behaviour {behaviour} (it brings its own prompts and system prompts)",
+                    f"leave {flag} out, or use --behaviour refusal",
+                )
         from ..core.prompts import PromptError
+        from ..measure.behaviours import get_behaviour
 
         try:
             preset = get_behaviour(behaviour)
             evals = preset.eval_pair(args.split_seed)
         except PromptError as exc:
-            raise EnvironmentProblem(f"--behaviour {behaviour}: {exc}", "reinstall hereticlab (its prompt files are missing)") from None
+            raise EnvironmentProblem(
+                f"--behaviour {behaviour}: {exc}", "reinstall hereticlab (its prompt files are missing)"
+            ) from None
         if min(len(s) for s in evals) < 2:
-            raise EnvironmentProblem(f"--behaviour {behaviour} has fewer than 2 evaluation prompts per class",
-                                     "add prompts to its data files")
+            raise EnvironmentProblem(
+                f"--behaviour {behaviour} has fewer than 2 evaluation prompts per class",
+                "add prompts to its data files",
+            )
     check_run_dir(args.out)
     check_storage(args.storage)  # last: it may wait CONNECT_TIMEOUT_S for a server
     return RunInputs(methods=methods, norms=norms, behaviour=behaviour)
@@ -583,8 +701,11 @@ def validate_evaluate(args) -> None:
     for flag, source in (("--harmful", args.harmful), ("--harmless", args.harmless)):
         prompts = check_prompts(source, flag)
         if args.split and args.train_prompts >= len(prompts):
-            raise InputError(f"--train-prompts={args.train_prompts} leaves no evaluation prompts in {flag} {prompts.name} "
-                             f"({len(prompts)} prompts)", f"lower --train-prompts below {len(prompts)}, or pass --no-split")
+            raise InputError(
+                f"--train-prompts={args.train_prompts} leaves no evaluation prompts in {flag} {prompts.name} "
+                f"({len(prompts)} prompts)",
+                f"lower --train-prompts below {len(prompts)}, or pass --no-split",
+            )
     check_model(args.model, "MODEL")
     check_model(args.baseline, "--baseline")
 

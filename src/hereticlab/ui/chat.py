@@ -12,9 +12,10 @@ and ``.widget`` is the ipywidgets 8 UI (JupyterLab and classic Notebook).
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator, Mapping, Sequence
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -45,8 +46,15 @@ class Variant:
 
 
 @torch.no_grad()
-def stream_generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 64, system_prompt: str | None = None,
-                    chat: bool = True) -> Iterator[str]:
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    system_prompt: str | None = None,
+    chat: bool = True,
+) -> Iterator[str]:
     """Greedy decoding of one prompt with a KV cache, yielding the decoded response so far after each token."""
     text = format_chat(tokenizer, [prompt], system_prompt=system_prompt)[0] if chat else prompt
     batch = encode(tokenizer, [text], model_device(model))
@@ -64,8 +72,15 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         position = position + 1
-        logits, cache = compat.forward(model, {"input_ids": torch.tensor([[token]], device=mask.device),
-                                               "attention_mask": mask, "position_ids": position}, cache=cache)
+        logits, cache = compat.forward(
+            model,
+            {
+                "input_ids": torch.tensor([[token]], device=mask.device),
+                "attention_mask": mask,
+                "position_ids": position,
+            },
+            cache=cache,
+        )
         token = int(logits[0, -1].argmax())
 
 
@@ -76,8 +91,16 @@ class ChatComparison:
     current slider values per column (``{title: {param: value}}``), editable headlessly.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, columns: Mapping[str, Variant | Sequence[Variant] | None], *,
-                 max_new_tokens: int = 64, system_prompt: str | None = None, prompt: str = ""):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        columns: Mapping[str, Variant | Sequence[Variant] | None],
+        *,
+        max_new_tokens: int = 64,
+        system_prompt: str | None = None,
+        prompt: str = "",
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.options: dict[str, list[Variant]] = {}
         for title, spec in columns.items():
@@ -87,7 +110,9 @@ class ChatComparison:
                 spec = [spec]
             self.options[title] = list(spec)
         self.selected = {title: 0 for title in self.options}
-        self.param_values = {title: {k: s[3] for k, s in opts[0].params.items()} for title, opts in self.options.items()}
+        self.param_values = {
+            title: {k: s[3] for k, s in opts[0].params.items()} for title, opts in self.options.items()
+        }
         self.max_new_tokens, self.system_prompt, self.prompt = max_new_tokens, system_prompt, prompt
         self.responses: dict[str, str] = {title: "" for title in self.options}
         self._widget = None
@@ -107,8 +132,13 @@ class ChatComparison:
     def stream(self, title: str, prompt: str | None = None) -> Iterator[str]:
         """Partial responses of one column while it generates (its intervention active only inside)."""
         with self.variant(title).context(**self.param_values[title]):
-            yield from stream_generate(self.model, self.tokenizer, self.prompt if prompt is None else prompt,
-                                       max_new_tokens=self.max_new_tokens, system_prompt=self.system_prompt)
+            yield from stream_generate(
+                self.model,
+                self.tokenizer,
+                self.prompt if prompt is None else prompt,
+                max_new_tokens=self.max_new_tokens,
+                system_prompt=self.system_prompt,
+            )
 
     def run(self, prompt: str | None = None, on_token: Callable[[str, str], None] | None = None) -> dict[str, str]:
         """Generate every column in turn; ``on_token(title, text_so_far)`` after each token. Returns ``{title: text}``."""
@@ -129,16 +159,25 @@ class ChatComparison:
     @staticmethod
     def _html(text: str, busy: bool = False) -> str:
         body = html.escape(text) + (" ▌" if busy else "")
-        return (f"<div style='white-space:pre-wrap;font-family:monospace;font-size:12px;min-height:6em;"
-                f"border:1px solid #ccc;padding:4px'>{body}</div>")
+        return (
+            f"<div style='white-space:pre-wrap;font-family:monospace;font-size:12px;min-height:6em;"
+            f"border:1px solid #ccc;padding:4px'>{body}</div>"
+        )
 
     def _sliders(self, title: str):
         import ipywidgets as w
 
         sliders = []
         for name, (lo, hi, step, value) in self.variant(title).params.items():
-            slider = w.FloatSlider(value=self.param_values[title].get(name, value), min=lo, max=hi, step=step,
-                                   description=name, continuous_update=False, layout=w.Layout(width="95%"))
+            slider = w.FloatSlider(
+                value=self.param_values[title].get(name, value),
+                min=lo,
+                max=hi,
+                step=step,
+                description=name,
+                continuous_update=False,
+                layout=w.Layout(width="95%"),
+            )
 
             def changed(change, title=title, name=name):
                 self.param_values[title][name] = change["new"]
@@ -151,7 +190,9 @@ class ChatComparison:
         """The ipywidgets UI: prompt box, max-tokens slider, Generate button, one column per variant."""
         import ipywidgets as w
 
-        self.prompt_box = w.Textarea(value=self.prompt, placeholder="Prompt", layout=w.Layout(width="100%", height="4em"))
+        self.prompt_box = w.Textarea(
+            value=self.prompt, placeholder="Prompt", layout=w.Layout(width="100%", height="4em")
+        )
         self.tokens_slider = w.IntSlider(value=self.max_new_tokens, min=1, max=512, description="max tokens")
         self.button = w.Button(description="Generate", button_style="primary")
         self.status = w.HTML("")
@@ -171,10 +212,16 @@ class ChatComparison:
                 header.append(dropdown)
             self._slider_boxes[title] = w.VBox(self._sliders(title))
             self._outputs[title] = w.HTML(self._html(self.responses[title]))
-            columns.append(w.VBox(header + [self._slider_boxes[title], self._outputs[title]],
-                                  layout=w.Layout(flex="1 1 0", min_width="0", margin="0 4px")))
+            columns.append(
+                w.VBox(
+                    header + [self._slider_boxes[title], self._outputs[title]],
+                    layout=w.Layout(flex="1 1 0", min_width="0", margin="0 4px"),
+                )
+            )
         self.button.on_click(lambda _: self._generate())
-        self._widget = w.VBox([self.prompt_box, w.HBox([self.tokens_slider, self.button, self.status]), w.HBox(columns)])
+        self._widget = w.VBox(
+            [self.prompt_box, w.HBox([self.tokens_slider, self.button, self.status]), w.HBox(columns)]
+        )
         return self._widget
 
     def _generate(self):
@@ -201,8 +248,14 @@ class ChatComparison:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-def compare_chat(model: nn.Module, tokenizer, *, edit: Callable[[], ContextManager] | None = None,
-                 steer: Mapping[str, Variant] | Sequence[Variant] | None = None, **kwargs) -> ChatComparison:
+def compare_chat(
+    model: nn.Module,
+    tokenizer,
+    *,
+    edit: Callable[[], ContextManager] | None = None,
+    steer: Mapping[str, Variant] | Sequence[Variant] | None = None,
+    **kwargs,
+) -> ChatComparison:
     """The usual three columns: ``original``, ``edited`` (``edit()``: e.g. ``lambda: hl.ablate(model, r)``)
     and ``steered`` (a dropdown of ``steer`` variants with their sliders)."""
     columns: dict = {"original": None}

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class ScatterStyle:
     legend: bool = True
     extra: dict = field(default_factory=dict)  # passed to ax.scatter
 
-    def but(self, **changes) -> "ScatterStyle":
+    def but(self, **changes) -> ScatterStyle:
         return replace(self, **changes)
 
 
@@ -68,13 +68,26 @@ def _limits(coords: np.ndarray, pad: float = 0.08) -> tuple[tuple[float, float],
     return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
 
 
-def draw_points(ax, xy: np.ndarray, labels: np.ndarray, style: ScatterStyle = DEFAULT_STYLE, highlight: Sequence[int] = ()):
+def draw_points(
+    ax, xy: np.ndarray, labels: np.ndarray, style: ScatterStyle = DEFAULT_STYLE, highlight: Sequence[int] = ()
+):
     """Draw both classes' points ``xy [n, 2]`` (and their 2-D centres) on ``ax``; returns the two scatter artists."""
     artists = []
     for cls in (GOOD, BAD):
         pts = xy[labels == cls]
-        artists.append(ax.scatter(pts[:, 0], pts[:, 1], s=style.size, alpha=style.alpha, marker=style.marker,
-                                  c=style.colors[cls], label=f"{style.labels[cls]} ({len(pts)})", linewidths=0, **style.extra))
+        artists.append(
+            ax.scatter(
+                pts[:, 0],
+                pts[:, 1],
+                s=style.size,
+                alpha=style.alpha,
+                marker=style.marker,
+                c=style.colors[cls],
+                label=f"{style.labels[cls]} ({len(pts)})",
+                linewidths=0,
+                **style.extra,
+            )
+        )
         if len(pts) and style.show_means:
             m = pts.mean(0)
             ax.scatter([m[0]], [m[1]], marker="X", s=140, c=style.colors[cls], edgecolors="k", linewidths=1.2, zorder=5)
@@ -83,12 +96,29 @@ def draw_points(ax, xy: np.ndarray, labels: np.ndarray, style: ScatterStyle = DE
             ax.scatter([m[0]], [m[1]], marker="*", s=260, c=style.colors[cls], edgecolors="k", linewidths=1.2, zorder=5)
     highlight = list(highlight)
     if highlight:
-        ax.scatter(xy[highlight, 0], xy[highlight, 1], s=style.size * 6, facecolors="none", edgecolors="k", linewidths=1.5, zorder=6)
+        ax.scatter(
+            xy[highlight, 0],
+            xy[highlight, 1],
+            s=style.size * 6,
+            facecolors="none",
+            edgecolors="k",
+            linewidths=1.5,
+            zorder=6,
+        )
     return artists
 
 
-def plot_layer(proj: Projection, layer: int, *, ax=None, style: ScatterStyle = DEFAULT_STYLE, title: str | None = None,
-               highlight: Sequence[int] = (), limits=None, figsize=(5, 4.5)):
+def plot_layer(
+    proj: Projection,
+    layer: int,
+    *,
+    ax=None,
+    style: ScatterStyle = DEFAULT_STYLE,
+    title: str | None = None,
+    highlight: Sequence[int] = (),
+    limits=None,
+    figsize=(5, 4.5),
+):
     """Scatter of both classes at one layer of a ``Projection`` (★ = 2-D geometric medians, X = means)."""
     fig, ax = _figure(ax, figsize)
     draw_points(ax, proj.at(layer), proj.labels, style, highlight)
@@ -103,8 +133,15 @@ def plot_layer(proj: Projection, layer: int, *, ax=None, style: ScatterStyle = D
     return fig
 
 
-def plot_layers(proj: Projection, layers: Sequence[int] | None = None, *, ncols: int = 5, style: ScatterStyle = DEFAULT_STYLE,
-                panel_size: float = 2.6, suptitle: str | None = None):
+def plot_layers(
+    proj: Projection,
+    layers: Sequence[int] | None = None,
+    *,
+    ncols: int = 5,
+    style: ScatterStyle = DEFAULT_STYLE,
+    panel_size: float = 2.6,
+    suptitle: str | None = None,
+):
     """A grid of per-layer scatters (default: every layer) with a single legend."""
     layers = list(proj.layers if layers is None else layers)
     ncols = max(1, min(ncols, len(layers)))
@@ -112,7 +149,7 @@ def plot_layers(proj: Projection, layers: Sequence[int] | None = None, *, ncols:
     fig, axes = new_figure((panel_size * ncols, panel_size * nrows), nrows, ncols, squeeze=False)
     for ax, layer in zip(axes.flat, layers):
         plot_layer(proj, layer, ax=ax, style=style.but(legend=False, size=style.size * 0.6))
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     fig.legend(handles=_legend_handles(style), loc="upper right", ncol=2, fontsize="small")
     if suptitle:
@@ -121,9 +158,16 @@ def plot_layers(proj: Projection, layers: Sequence[int] | None = None, *, ncols:
     return fig
 
 
-def plot_before_after(before: Projection, after: Projection, layers: Sequence[int] | None = None, *,
-                      titles: tuple[str, str] = ("original", "edited"), style: ScatterStyle = DEFAULT_STYLE,
-                      panel_size: float = 2.6, tables=None):
+def plot_before_after(
+    before: Projection,
+    after: Projection,
+    layers: Sequence[int] | None = None,
+    *,
+    titles: tuple[str, str] = ("original", "edited"),
+    style: ScatterStyle = DEFAULT_STYLE,
+    panel_size: float = 2.6,
+    tables=None,
+):
     """Two rows of scatters, original on top and edited below, for the same ``layers`` (default: up to 6 evenly
     spaced). ``tables``: optional ``(df_before, df_after)`` geometry tables; their silhouette goes in the titles."""
     if layers is None:
@@ -136,15 +180,25 @@ def plot_before_after(before: Projection, after: Projection, layers: Sequence[in
             title = f"{name} · layer {layer}"
             if tables is not None and "silhouette" in tables[row].columns and layer in tables[row].index:
                 title += f"\nsil {tables[row].loc[layer, 'silhouette']:.2f}"
-            plot_layer(proj, layer, ax=axes[row, col], style=style.but(legend=False, size=style.size * 0.6), title=title)
+            plot_layer(
+                proj, layer, ax=axes[row, col], style=style.but(legend=False, size=style.size * 0.6), title=title
+            )
             axes[row, col].title.set_fontsize("small")
     fig.legend(handles=_legend_handles(style), loc="upper right", ncol=2, fontsize="small")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig
 
 
-def plot_geometry(df, columns: Sequence[str] | str = ("silhouette", "S(g,b)", "quality", "probe_acc"), *, ax=None,
-                  mark: float | None = None, figsize=(7, 3.5), title: str | None = None, **plot_kwargs):
+def plot_geometry(
+    df,
+    columns: Sequence[str] | str = ("silhouette", "S(g,b)", "quality", "probe_acc"),
+    *,
+    ax=None,
+    mark: float | None = None,
+    figsize=(7, 3.5),
+    title: str | None = None,
+    **plot_kwargs,
+):
     """Line plots of geometry-table columns against layer (one line per column; ``mark``: a vertical line, e.g.
     the ablated direction's layer). Accepts a ``geometry_table`` DataFrame or a dict name → DataFrame (one line
     style per table, e.g. original vs edited)."""
@@ -157,7 +211,9 @@ def plot_geometry(df, columns: Sequence[str] | str = ("silhouette", "S(g,b)", "q
             if col not in table.columns:
                 raise KeyError(f"column {col!r} is not in the table; choose from {list(table.columns)}")
             label = f"{col} ({name})" if name else col
-            ax.plot(table.index, table[col], styles[t % len(styles)], color=f"C{i}", marker=".", label=label, **plot_kwargs)
+            ax.plot(
+                table.index, table[col], styles[t % len(styles)], color=f"C{i}", marker=".", label=label, **plot_kwargs
+            )
     if mark is not None:
         ax.axvline(mark, color="k", lw=0.8, ls=":")
     ax.set_xlabel("layer (residual index)")
@@ -169,8 +225,16 @@ def plot_geometry(df, columns: Sequence[str] | str = ("silhouette", "S(g,b)", "q
     return fig
 
 
-def animate_layers(proj: Projection, *, steps: int = 6, interval: int = 80, hold: int = 3, style: ScatterStyle = DEFAULT_STYLE,
-                   figsize=(5, 4.5), title: str = "layer {layer:.1f}"):
+def animate_layers(
+    proj: Projection,
+    *,
+    steps: int = 6,
+    interval: int = 80,
+    hold: int = 3,
+    style: ScatterStyle = DEFAULT_STYLE,
+    figsize=(5, 4.5),
+    title: str = "layer {layer:.1f}",
+):
     """An animation across layers with ``steps`` interpolated frames per transition and ``hold`` extra frames on
     each real layer. Axis limits are fixed over all layers. Returns ``matplotlib.animation.FuncAnimation``;
     save it with ``save_animation`` (GIF/MP4) or show it with ``anim.to_jshtml()``."""
@@ -183,10 +247,22 @@ def animate_layers(proj: Projection, *, steps: int = 6, interval: int = 80, hold
     fig, ax = new_figure(figsize)
     xlim, ylim = _limits(proj.coords)
     good, bad = proj.labels == GOOD, proj.labels == BAD
-    scatters = [ax.scatter(frames[0][m, 0], frames[0][m, 1], s=style.size, alpha=style.alpha, c=style.colors[c],
-                           label=style.labels[c], linewidths=0) for c, m in ((GOOD, good), (BAD, bad))]
-    centres = [ax.scatter([0], [0], marker="*", s=260, c=style.colors[c], edgecolors="k", zorder=5,
-                          visible=style.show_medians) for c in (GOOD, BAD)]
+    scatters = [
+        ax.scatter(
+            frames[0][m, 0],
+            frames[0][m, 1],
+            s=style.size,
+            alpha=style.alpha,
+            c=style.colors[c],
+            label=style.labels[c],
+            linewidths=0,
+        )
+        for c, m in ((GOOD, good), (BAD, bad))
+    ]
+    centres = [
+        ax.scatter([0], [0], marker="*", s=260, c=style.colors[c], edgecolors="k", zorder=5, visible=style.show_medians)
+        for c in (GOOD, BAD)
+    ]
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_xticks([])
@@ -233,8 +309,11 @@ def save_animation(anim, path: str | Path, *, fps: int = 12, dpi: int = 80) -> P
         return path
     if path.suffix.lower() in (".mp4", ".m4v", ".mov"):
         if not ffmpeg_available():
-            warnings.warn(f"ffmpeg is not installed, so {path.name} was not written; save a .gif instead "
-                          "(or install ffmpeg, e.g. `apt-get install ffmpeg` / `conda install ffmpeg`).", stacklevel=2)
+            warnings.warn(
+                f"ffmpeg is not installed, so {path.name} was not written; save a .gif instead "
+                "(or install ffmpeg, e.g. `apt-get install ffmpeg` / `conda install ffmpeg`).",
+                stacklevel=2,
+            )
             return None
         anim.save(str(path), writer=FFMpegWriter(fps=fps), dpi=dpi)
         return path

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from ..core.generation import generate
 from ..directions.base import Directions
 from ..interventions.edits import apply_edits
-from ..core.generation import generate
 from ..search.study import edits_from_params, pareto, trial_params, trials_table
 
 
@@ -19,15 +19,26 @@ class TrialPicker:
     trial ``n`` in the dropdown does, so the widget can be driven from code and tests.
     """
 
-    def __init__(self, study, model, tokenizer, directions: Directions | Mapping[str, Directions], prompts: Sequence[str],
-                 *, max_new_tokens: int = 48, **chat_kwargs):
+    def __init__(
+        self,
+        study,
+        model,
+        tokenizer,
+        directions: Directions | Mapping[str, Directions],
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 48,
+        **chat_kwargs,
+    ):
         import ipywidgets as w
 
         self.study, self.model, self.tokenizer, self.directions = study, model, tokenizer, directions
         self.prompts, self.max_new_tokens, self.chat_kwargs = list(prompts), max_new_tokens, chat_kwargs
         self._cache: dict[int, list[str]] = {}
         self.selected: int | None = None
-        self.original = generate(model, tokenizer, self.prompts, max_new_tokens=max_new_tokens, progress=False, **chat_kwargs)
+        self.original = generate(
+            model, tokenizer, self.prompts, max_new_tokens=max_new_tokens, progress=False, **chat_kwargs
+        )
         front = set(pareto(study)["trial"]) if len(trials_table(study)) else set()
         table = trials_table(study)
         options = []
@@ -40,7 +51,11 @@ class TrialPicker:
         self.output = w.HTML()
         self.dropdown.observe(self._on_choose, names="value")
         self.widget = w.VBox([self.dropdown, self.output])
-        for widget, name in ((self.widget, "hl-trial-picker"), (self.dropdown, "hl-trial-dropdown"), (self.output, "hl-trial-responses")):
+        for widget, name in (
+            (self.widget, "hl-trial-picker"),
+            (self.dropdown, "hl-trial-dropdown"),
+            (self.output, "hl-trial-responses"),
+        ):
             widget.add_class(name)  # stable CSS hooks for browser tests and custom styling
         if options:
             self.select(options[0][1])
@@ -50,12 +65,20 @@ class TrialPicker:
             trial = self.study.trials[number]
             edits = edits_from_params(self.model, self.directions, trial_params(trial))
             with apply_edits(self.model, edits):
-                self._cache[number] = generate(self.model, self.tokenizer, self.prompts,
-                                               max_new_tokens=self.max_new_tokens, progress=False, **self.chat_kwargs)
+                self._cache[number] = generate(
+                    self.model,
+                    self.tokenizer,
+                    self.prompts,
+                    max_new_tokens=self.max_new_tokens,
+                    progress=False,
+                    **self.chat_kwargs,
+                )
         return self._cache[number]
 
     def table(self, number: int) -> pd.DataFrame:
-        return pd.DataFrame({"prompt": self.prompts, "original": self.original, f"trial #{number}": self.responses(number)})
+        return pd.DataFrame(
+            {"prompt": self.prompts, "original": self.original, f"trial #{number}": self.responses(number)}
+        )
 
     def _on_choose(self, change) -> None:
         if change["new"] is not None and change["new"] != self.selected:
@@ -64,7 +87,9 @@ class TrialPicker:
     def select(self, number: int) -> pd.DataFrame:
         """Show trial ``number``'s responses; the dropdown follows, so it always names the trial displayed."""
         frame = self.table(number)
-        self.output.value = frame.to_html(index=False, escape=True).replace("<td>", '<td style="text-align:left;white-space:pre-wrap">')
+        self.output.value = frame.to_html(index=False, escape=True).replace(
+            "<td>", '<td style="text-align:left;white-space:pre-wrap">'
+        )
         self.selected = number
         if number in self._numbers:
             self.dropdown.value = number

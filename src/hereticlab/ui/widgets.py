@@ -10,12 +10,12 @@ methods (``set_layer``, ``select_point``, ``select_nearest``) so tests can drive
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..measure.geometry import Projection, style_geometry_table
-from .plots import DEFAULT_STYLE, ScatterStyle, draw_points, figure_png, new_figure, _limits
+from .plots import DEFAULT_STYLE, ScatterStyle, _limits, draw_points, figure_png, new_figure
 
 
 def _ipympl_active() -> bool:
@@ -54,7 +54,9 @@ class GeometryExplorer:
     ):
         import ipywidgets as w
 
-        if edited is not None and (edited.coords.shape != proj.coords.shape or list(edited.layers) != list(proj.layers)):
+        if edited is not None and (
+            edited.coords.shape != proj.coords.shape or list(edited.layers) != list(proj.layers)
+        ):
             raise ValueError("the edited projection must have the same layers and points as the original")
         self.projections = {"original": proj, "edited": edited}
         self.tables = {"original": table, "edited": edited_table}
@@ -74,19 +76,39 @@ class GeometryExplorer:
 
         layers = list(proj.layers)
         start = layers.index(layer) if layer is not None else len(layers) // 2
-        self.slider = w.IntSlider(value=start, min=0, max=len(layers) - 1, description="layer index",
-                                  continuous_update=False, layout=w.Layout(width="360px"))
+        self.slider = w.IntSlider(
+            value=start,
+            min=0,
+            max=len(layers) - 1,
+            description="layer index",
+            continuous_update=False,
+            layout=w.Layout(width="360px"),
+        )
         self.play = w.Play(value=start, min=0, max=len(layers) - 1, interval=play_interval, description="play")
         self._link = w.link((self.play, "value"), (self.slider, "value"))  # kernel-side link: also works headlessly
-        self.show_medians = w.Checkbox(value=style.show_medians, description="medians ★", indent=False, layout=w.Layout(width="110px"))
-        self.show_means = w.Checkbox(value=style.show_means, description="means ✖", indent=False, layout=w.Layout(width="100px"))
-        self.source = w.ToggleButtons(options=["original", "edited"], value="original", disabled=edited is None,
-                                      tooltips=["unedited model", "edited model" if edited is not None else "no edited residuals given"])
+        self.show_medians = w.Checkbox(
+            value=style.show_medians, description="medians ★", indent=False, layout=w.Layout(width="110px")
+        )
+        self.show_means = w.Checkbox(
+            value=style.show_means, description="means ✖", indent=False, layout=w.Layout(width="100px")
+        )
+        self.source = w.ToggleButtons(
+            options=["original", "edited"],
+            value="original",
+            disabled=edited is None,
+            tooltips=["unedited model", "edited model" if edited is not None else "no edited residuals given"],
+        )
         label = lambda i: f"[{style.labels[proj.labels[i]]}] {i}: {self.prompts[i][:70]}"  # noqa: E731
-        self.picker = w.Select(options=[("(none)", -1)] + [(label(i), i) for i in range(n)], value=-1, rows=8,
-                               description="prompt", layout=w.Layout(width="98%"))
-        self.neighbours = w.Select(options=[], rows=min(k_nearest, 8), description="nearest",
-                                   layout=w.Layout(width="98%"))
+        self.picker = w.Select(
+            options=[("(none)", -1)] + [(label(i), i) for i in range(n)],
+            value=-1,
+            rows=8,
+            description="prompt",
+            layout=w.Layout(width="98%"),
+        )
+        self.neighbours = w.Select(
+            options=[], rows=min(k_nearest, 8), description="nearest", layout=w.Layout(width="98%")
+        )
         self.info = w.HTML()
         self.hover = w.HTML()
         self.row = w.HTML()
@@ -106,8 +128,14 @@ class GeometryExplorer:
         right = w.VBox([self.picker, self.neighbours, self.info, self.hover], layout=w.Layout(width="50%"))
         self.ui = w.VBox([controls, w.HBox([canvas, right]), self.row])
         # stable CSS hooks for browser tests and custom styling
-        for widget, name in ((self.ui, "hl-geometry-explorer"), (self.slider, "hl-layer-slider"), (self.play, "hl-layer-play"),
-                             (self.image, "hl-geometry-plot"), (self.picker, "hl-prompt-picker"), (self.neighbours, "hl-nearest")):
+        for widget, name in (
+            (self.ui, "hl-geometry-explorer"),
+            (self.slider, "hl-layer-slider"),
+            (self.play, "hl-layer-play"),
+            (self.image, "hl-geometry-plot"),
+            (self.picker, "hl-prompt-picker"),
+            (self.neighbours, "hl-nearest"),
+        ):
             widget.add_class(name)
         self.render()
 
@@ -174,8 +202,10 @@ class GeometryExplorer:
             return
         i = self.selected
         colour = self.style.colors[int(self.projection.labels[i])]
-        self.info.value = (f"<b style='color:{colour}'>{html.escape(self._label(i))} #{i}</b> at layer {self.layer}:"
-                           f"<div style='white-space:pre-wrap;max-height:8em;overflow:auto'>{html.escape(self.prompts[i])}</div>")
+        self.info.value = (
+            f"<b style='color:{colour}'>{html.escape(self._label(i))} #{i}</b> at layer {self.layer}:"
+            f"<div style='white-space:pre-wrap;max-height:8em;overflow:auto'>{html.escape(self.prompts[i])}</div>"
+        )
         near = self.nearest_prompts(i)
         options = [(f"[{self._label(j)}] d={dist:.2f} {j}: {self.prompts[j][:60]}", j) for j, dist in near]
         self.neighbours.unobserve(self._on_neighbour, names="value")
@@ -208,7 +238,9 @@ class GeometryExplorer:
         if self.selected is not None:
             near = [j for j, _ in self.nearest_prompts(self.selected)]
             xy = proj.at(layer)[near]
-            ax.scatter(xy[:, 0], xy[:, 1], s=style.size * 3, facecolors="none", edgecolors="0.4", linewidths=1, zorder=6)
+            ax.scatter(
+                xy[:, 0], xy[:, 1], s=style.size * 3, facecolors="none", edgecolors="0.4", linewidths=1, zorder=6
+            )
         xlim, ylim = self._limits() if self.fixed_limits else _limits(proj.at(layer))
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
@@ -255,7 +287,9 @@ class GeometryExplorer:
             if event.inaxes is None or event.xdata is None:
                 return
             j = int(self.projection.nearest(self.layer, event.xdata, event.ydata, 1)[0])
-            self.hover.value = f"<small>hover: [{html.escape(self._label(j))}] {html.escape(self.prompts[j][:120])}</small>"
+            self.hover.value = (
+                f"<small>hover: [{html.escape(self._label(j))}] {html.escape(self.prompts[j][:120])}</small>"
+            )
 
         fig.canvas.mpl_connect("button_press_event", on_click)
         fig.canvas.mpl_connect("motion_notify_event", on_move)
