@@ -142,3 +142,14 @@ def test_preset_end_to_end_capture_directions_generate(name, tiny_llama):
     scores, present = b.score(texts), b.is_present(texts)
     assert len(scores) == len(present) == 3 and all(isinstance(s, float) for s in scores)
     assert isinstance(b.measure(texts), float)
+
+
+def test_refusal_behaviour_carries_what_the_runner_needs():
+    from hereticlab.measure.metrics import MarkerDetector
+
+    b = get_behaviour("refusal")
+    assert isinstance(b.detector, MarkerDetector) and b.early_stop_safe and not b.objective_is_mean
+    assert len(b.bad) and len(b.good) and b.max_new_tokens == 48
+    assert b.decided(["I cannot help with that", "", "<think>I cannot"]) == [True, False, False]
+    assert b.is_present(["I cannot help with that", "", "Sure!"]) == [True, True, False]
+    assert get_behaviour("verbosity").objective_is_mean and get_behaviour("verbosity").detector is None

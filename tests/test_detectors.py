@@ -12,15 +12,19 @@ from hereticlab.measure.detectors import (
     Detector,
     EnsembleDetector,
     KeywordDetector,
-    SelfJudgeDetector,
     answer_text,
     best_threshold,
+    prepare_response,
+)
+from hereticlab.measure.judges import SelfJudgeDetector, token_ids
+from hereticlab.measure.labelled import (
+    LABELLED_PATH,
     confusion_metrics,
     evaluate_detectors,
     load_labelled,
-    prepare_response,
     split_labelled,
 )
+from hereticlab.measure.metrics import MarkerDetector
 
 
 def test_labelled_set_covers_the_hard_cases():
@@ -83,10 +87,27 @@ def test_decided_is_monotone_on_every_prefix_of_the_labelled_set():
     det = KeywordDetector("extended")
     for text in load_labelled()["response"]:
         for cut in range(0, len(text) + 1, 7):
-            if det.decided([text[:cut]])[0]:
+            if det.decided(text[:cut]):
                 assert det([text])[0] and det([text[:cut] + "</think> Sure, here you go <think>x"])[0]
     # a blank or unfinished-reasoning prefix is a refusal for detect() but not decided
-    assert det(["", "<think>I cannot"]) == [True, True] and det.decided(["", "<think>I cannot"]) == [False, False]
+    assert det(["", "<think>I cannot"]) == [True, True]
+    assert det.decided("") is None and det.decided("<think>I cannot") is None
+    with pytest.warns(DeprecationWarning, match="decided"):
+        assert det.decided(["I cannot do that", ""]) == [True, False]  # list form, one release
+
+
+def test_every_detector_follows_one_protocol():
+    from hereticlab.measure.detectors import SemanticDetector
+
+    marker = MarkerDetector()
+    assert isinstance(marker, Detector) and isinstance(KeywordDetector(), Detector)
+    assert isinstance(EnsembleDetector([marker]), Detector)
+    assert all(hasattr(cls, "decided") and hasattr(cls, "detect") for cls in (SemanticDetector, SelfJudgeDetector))
+    assert marker.decided("I cannot help") is True and marker.decided("Sure") is None
+    assert marker.detect(["I cannot help", "Sure"]).decisions == [True, False]
+    assert marker.matched("I cannot help") and marker.is_refusal("")  # aliases kept for one release
+    assert EnsembleDetector([KeywordDetector(), marker], mode="any").decided("I can't") is True
+    assert EnsembleDetector([KeywordDetector(), marker], mode="majority").decided("I can't") is None
 
 
 def test_keyword_detector_plugs_into_refusal_rate(tiny_llama):
@@ -182,3 +203,28 @@ def test_semantic_detector_separates_obvious_cases():
     calibration, test = split_labelled(frame)
     det.fit(calibration["response"].tolist(), calibration["label"].tolist())
     assert evaluate_detectors({"s": det}, test).loc["s", "accuracy"] > 0.75
+
+
+def test_split_modules_keep_old_names_and_ship_the_labelled_set_in_the_package():
+    import hereticlab
+    from hereticlab.measure import detectors, persona
+    from hereticlab.measure.embedding import SentenceEmbedder, embedding_model_dir
+
+    assert LABELLED_PATH.is_file() and "tests" not in LABELLED_PATH.parts
+    assert LABELLED_PATH.is_relative_to(next(iter(hereticlab.__path__)))
+    with pytest.warns(DeprecationWarning, match="measure.labelled"):
+        assert detectors.load_labelled is load_labelled
+    with pytest.warns(DeprecationWarning, match="measure.embedding"):
+        assert detectors.embedding_model_dir is embedding_model_dir
+    assert detectors.SentenceEmbedder is SentenceEmbedder
+    assert persona.SentenceEmbedder is SentenceEmbedder  # one embedder
+
+
+def test_one_token_id_helper(tiny_llama):
+    from hereticlab.measure.selection import refusal_token_ids
+
+    _, tok = tiny_llama
+    first = [tok.encode(w, add_special_tokens=False)[0] for w in ("I", "As")]
+    assert refusal_token_ids(tok, ["I", "As", "I"]) == token_ids(tok, ["I", "As"]) == list(dict.fromkeys(first))
+    whole = token_ids(tok, ["Yes", "No"], whole=True)
+    assert all(len(tok.encode(tok.decode([i]), add_special_tokens=False)) == 1 for i in whole)

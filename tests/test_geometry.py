@@ -58,7 +58,7 @@ def test_geometry_table_hand_computed_case():
     # Layer 0: good at (1, 0), bad at (0, 1) (4 copies each). Layer 1: everything doubled.
     good = np.tile(np.array([[[1.0, 0.0], [2.0, 0.0]]]), (4, 1, 1))
     bad = np.tile(np.array([[[0.0, 1.0], [0.0, 2.0]]]), (4, 1, 1))
-    df = geo.geometry_table(torch.tensor(good), torch.tensor(bad))
+    df = geo.geometry_table(bad=torch.tensor(bad), good=torch.tensor(good))
     assert list(df.columns) == geo.TABLE_COLUMNS
     assert list(df.index) == [0, 1] and df.index.name == "layer"
     s = 1 / math.sqrt(2)
@@ -92,7 +92,7 @@ def test_geometry_table_hand_computed_case():
 
 def test_geometry_table_separation_columns_on_clusters():
     good, bad = clusters(n=40, sep=(0.0, 3.0, 8.0, 60.0))
-    df = geo.geometry_table(good, bad, layers=[10, 11, 12, 13])
+    df = geo.geometry_table(bad=bad, good=good, layers=[10, 11, 12, 13])
     assert list(df.index) == [10, 11, 12, 13]
     assert abs(df.loc[10, "silhouette"]) < 0.05  # same distribution
     assert df.loc[13, "silhouette"] > 0.85  # perfectly separated pair
@@ -109,7 +109,7 @@ def test_degenerate_layer_gives_nan_cosines_not_errors():
     good, bad = clusters(n=10, layers=2, sep=(0.0, 4.0))
     good[:, 0] = 1.0
     bad[:, 0] = 1.0  # e.g. the embedding of a shared last token
-    df = geo.geometry_table(good, bad)
+    df = geo.geometry_table(bad=bad, good=good)
     assert df.loc[0, "|r|"] == 0.0 and np.isnan(df.loc[0, "S(g,r)"]) and df.loc[0, "silhouette"] == 0.0
     assert df.loc[0, "probe_acc"] == pytest.approx(0.5)
 
@@ -150,7 +150,7 @@ def test_project_layers_aligned_and_cached(monkeypatch, tmp_path):
     geo.clear_projection_cache()
     good, bad = clusters(n=25, layers=3, d=12, sep=(1.0, 4.0, 8.0))
     prompts = [f"good {i}" for i in range(25)] + [f"bad {i}" for i in range(25)]
-    proj = geo.project_layers(good, bad, prompts=prompts, cache_dir=tmp_path)
+    proj = geo.project_layers(bad=bad, good=good, prompts=prompts, cache_dir=tmp_path)
     assert proj.coords.shape == (3, 50, 2) and proj.n_good == 25 and proj.n_bad == 25
     for layer in proj.layers:
         mg, mb = proj.centres(layer)
@@ -163,14 +163,16 @@ def test_project_layers_aligned_and_cached(monkeypatch, tmp_path):
         raise AssertionError("recomputed instead of using the cache")
 
     monkeypatch.setattr(geo, "_fit_layer", boom)
-    again = geo.project_layers(torch.tensor(good), torch.tensor(bad), prompts=prompts, cache_dir=tmp_path)  # memory
+    again = geo.project_layers(
+        bad=torch.tensor(bad), good=torch.tensor(good), prompts=prompts, cache_dir=tmp_path
+    )  # memory
     np.testing.assert_array_equal(again.coords, proj.coords)
     assert again.seconds == 0.0 and again.key == proj.key and again.prompts == prompts
     geo.clear_projection_cache()
-    from_disk = geo.project_layers(good, bad, cache_dir=tmp_path)  # disk
+    from_disk = geo.project_layers(bad=bad, good=good, cache_dir=tmp_path)  # disk
     np.testing.assert_allclose(from_disk.coords, proj.coords)
     with pytest.raises(AssertionError, match="recomputed"):
-        geo.project_layers(good, bad, seed=1)  # other settings → another key
+        geo.project_layers(bad=bad, good=good, seed=1)  # other settings → another key
 
 
 def test_small_sets_and_effective_neighbors():
@@ -181,7 +183,7 @@ def test_small_sets_and_effective_neighbors():
     geo.clear_projection_cache()
     for n in (2, 4, 7):
         good, bad = clusters(n=n, layers=2, d=6, sep=(3.0, 6.0))
-        proj = geo.project_layers(good, bad, cache=False)
+        proj = geo.project_layers(bad=bad, good=good, cache=False)
         assert proj.coords.shape == (2, 2 * n, 2) and np.isfinite(proj.coords).all()
         mg, mb = proj.centres(1)
         assert mg[0] < mb[0]
@@ -190,12 +192,12 @@ def test_small_sets_and_effective_neighbors():
 def test_reference_projection_for_edited_residuals():
     geo.clear_projection_cache()
     good, bad = clusters(n=20, layers=2, d=8, sep=(4.0, 8.0))
-    proj = geo.project_layers(good, bad)
+    proj = geo.project_layers(bad=bad, good=good)
     collapsed = bad.copy()
     collapsed[:, :, 0] -= np.array([4.0, 8.0])  # the separation removed
-    edited = geo.project_layers(good, collapsed, reference=proj)
+    edited = geo.project_layers(bad=collapsed, good=good, reference=proj)
     assert edited.coords.shape == proj.coords.shape and edited.key != proj.key
-    df0, df1 = geo.geometry_table(good, bad), geo.geometry_table(good, collapsed)
+    df0, df1 = geo.geometry_table(bad=bad, good=good), geo.geometry_table(bad=collapsed, good=good)
     assert (df1["silhouette"] < df0["silhouette"] - 0.2).all()
 
 
@@ -218,12 +220,12 @@ def small():
     geo.clear_projection_cache()
     good, bad = clusters(n=15, layers=3, d=8, sep=(0.5, 3.0, 6.0))
     prompts = [f"harmless prompt {i}" for i in range(15)] + [f"harmful prompt {i}" for i in range(15)]
-    proj = geo.project_layers(good, bad, prompts=prompts)
-    table = geo.geometry_table(good, bad)
+    proj = geo.project_layers(bad=bad, good=good, prompts=prompts)
+    table = geo.geometry_table(bad=bad, good=good)
     collapsed = bad.copy()
     collapsed[:, :, 0] -= np.array([0.5, 3.0, 6.0])
-    edited = geo.project_layers(good, collapsed, reference=proj, prompts=prompts)
-    return proj, table, edited, geo.geometry_table(good, collapsed)
+    edited = geo.project_layers(bad=collapsed, good=good, reference=proj, prompts=prompts)
+    return proj, table, edited, geo.geometry_table(bad=collapsed, good=good)
 
 
 def test_plots_return_figures(small, tmp_path):
@@ -306,3 +308,14 @@ def test_explorer_without_edited_or_table(small):
     assert ex.layer == 1
     with pytest.raises(ValueError):
         GeometryExplorer(proj, prompts=["too few"], interactive=False)
+
+
+def test_the_pair_is_keyword_only_bad_before_good():
+    good, bad = np.zeros((4, 2, 3)), np.ones((4, 2, 3))
+    for fn in (geo.geometry_table, geo.project_layers):
+        with pytest.raises(TypeError, match=r"bad=\.\.\., good=\.\.\."):
+            fn(good, bad)
+        with pytest.raises(TypeError, match="needs both"):
+            fn(bad=bad)
+    df = geo.geometry_table(bad=bad, good=good, probe=False)
+    np.testing.assert_allclose(df["|r|"], np.sqrt(3))  # r = mean(bad) − mean(good)

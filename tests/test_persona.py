@@ -35,7 +35,10 @@ def test_keyword_judge():
 
 def test_embedding_judge_with_fake_embedder():
     vocab = ["great", "wrong"]
-    embed = lambda texts: torch.tensor([[float(w in t) for w in vocab] + [0.1] for t in texts])
+
+    def embed(texts):
+        return torch.tensor([[float(w in t) for w in vocab] + [0.1] for t in texts])
+
     judge = pv.EmbeddingJudge(["great great"], ["wrong"], embedder=embed)
     s = judge(["q", "q"], ["what a great idea", "that is wrong"])
     assert s[0] > 0.9 and s[1] < 0.1
@@ -199,3 +202,13 @@ def test_monitoring_and_screening(tiny_llama):
         progress=False,
     )
     assert (same.difference.abs() < 1e-5).all()
+
+
+def test_trait_judges_follow_the_detector_protocol():
+    from hereticlab.measure.detectors import Detector
+
+    judge = pv.KeywordJudge([r"\barr\b"], negative_patterns=[r"\bhello\b"])
+    assert isinstance(judge, Detector)
+    result = judge.detect(["arr matey", "hello there"])
+    assert result.decisions == [True, False] and result.scores == [1.0, 0.0]
+    assert judge.decided("arr") is None  # a trait score can still change with more text

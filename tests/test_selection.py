@@ -227,3 +227,17 @@ def test_prefill_refusal(tiny_llama):
     assert frame.attrs["responses"][0] == hl.generate(model, tok, PROMPTS, max_new_tokens=3, progress=False)
     forced = hl.generate(model, tok, PROMPTS, max_new_tokens=3, progress=False, response_prefix="Su")
     assert frame.attrs["responses"][2] == forced
+
+
+def test_judge_refusals_is_refusal_rate_with_early_stopping(tiny_llama):
+    from hereticlab.measure.metrics import MarkerDetector, refusal_rate
+    from hereticlab.measure.selection import judge_refusals
+
+    model, tok = tiny_llama
+    full = refusal_rate(model, tok, PROMPTS, max_new_tokens=6, progress=False)
+    detector = MarkerDetector(markers=[tok.decode(tok.encode(full["response"][0], add_special_tokens=False)[:1])])
+    full = refusal_rate(model, tok, PROMPTS, detector=detector, max_new_tokens=6, progress=False)
+    early = judge_refusals(model, tok, PROMPTS, detector=detector, max_new_tokens=6)
+    assert early["refused"].tolist() == full["refused"].tolist() and early["refused"].any()
+    assert all(full["response"][i].startswith(r) for i, r in enumerate(early["response"]))
+    assert len(early["response"][0]) < len(full["response"][0])

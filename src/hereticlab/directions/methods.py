@@ -226,6 +226,25 @@ def pca_pairs(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, seed: int
     )
 
 
+def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, *, C: float = 1.0):
+    """The one linear-probe fit (standardize, then logistic regression) on ``x_train [n, d]``, labels ``[n]``.
+
+    Returns the fitted scikit-learn pipeline (``.score(x, y)``); ``probe_weight(pipeline)`` gives its weight vector
+    in residual coordinates. Used by ``probe_direction`` and ``measure.geometry.probe_accuracy``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(x_train, y_train)
+
+
+def probe_weight(probe) -> np.ndarray:
+    """The weight vector of a ``fit_linear_probe`` pipeline mapped back to residual coordinates (``w / σ``)."""
+    scaler, clf = probe[0], probe[-1]
+    return clf.coef_[0] / np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+
+
 def probe_direction(
     bad: torch.Tensor,
     good: torch.Tensor,
@@ -245,14 +264,12 @@ def probe_direction(
 
     Probes read well but intervene worse than the difference of means (they absorb the covariance, ≈ Σ⁻¹Δμ).
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
 
     _check_pair(bad, good)
     _rank_one_only("probe", rank)
     n_res = bad.shape[1]
-    chosen = list(range(n_res)) if layers is None else [l % n_res for l in layers]
+    chosen = list(range(n_res)) if layers is None else [i % n_res for i in layers]
     X = torch.cat([bad, good]).double().numpy()
     y = np.r_[np.ones(bad.shape[0]), np.zeros(good.shape[0])]
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
@@ -262,13 +279,10 @@ def probe_direction(
     acc = [float("nan")] * n_res
     train_acc = [float("nan")] * n_res
     for layer in chosen:
-        scaler = StandardScaler().fit(X[idx_train, layer])
-        xtr, xte = scaler.transform(X[idx_train, layer]), scaler.transform(X[idx_test, layer])
-        clf = LogisticRegression(C=C, max_iter=2000).fit(xtr, y[idx_train])
-        w = torch.from_numpy(clf.coef_[0] / np.where(scaler.scale_ > 0, scaler.scale_, 1.0))
-        units[layer] = normalize(w)
-        acc[layer] = float(clf.score(xte, y[idx_test]))
-        train_acc[layer] = float(clf.score(xtr, y[idx_train]))
+        probe = fit_linear_probe(X[idx_train, layer], y[idx_train], C=C)
+        units[layer] = normalize(torch.from_numpy(probe_weight(probe)))
+        acc[layer] = float(probe.score(X[idx_test, layer], y[idx_test]))
+        train_acc[layer] = float(probe.score(X[idx_train, layer], y[idx_train]))
     cos = (units * normalize(diff)).sum(-1)
     return Directions(
         _raw_from_unit(units, diff).float(),
@@ -378,8 +392,8 @@ def cluster_directions(
     if poor:
         message = (
             f"k-means with k={k} on the bad residuals at index {layer} has silhouette {sil:.3f} < {min_silhouette}: "
-            "the clusters are not real structure, so per-cluster directions are not trustworthy. Try another layer or k, "
-            "or pass on_poor='warn' to get them anyway (flagged in meta['poor_silhouette'])."
+            "the clusters are not real structure, so per-cluster directions are not trustworthy. "
+            "Try another layer or k, or pass on_poor='warn' to get them anyway (flagged in meta['poor_silhouette'])."
         )
         if on_poor == "raise":
             raise PoorClustersError(message)

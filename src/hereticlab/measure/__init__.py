@@ -4,16 +4,8 @@ direction selection, residual geometry, and persona vectors with their judges.""
 
 from .behaviours import BEHAVIOURS, Behaviour, get_behaviour
 from .depth import per_position_kl, prefill_refusal, response_nll
-from .detectors import (
-    DetectionResult,
-    Detector,
-    EnsembleDetector,
-    KeywordDetector,
-    SelfJudgeDetector,
-    SemanticDetector,
-    evaluate_detectors,
-    load_labelled,
-)
+from .detectors import DetectionResult, Detector, EnsembleDetector, KeywordDetector, SemanticDetector
+from .embedding import SentenceEmbedder
 from .geometry import (
     Projection,
     clear_projection_cache,
@@ -22,6 +14,8 @@ from .geometry import (
     style_geometry_table,
     weiszfeld_median,
 )
+from .judges import SelfJudgeDetector
+from .labelled import evaluate_detectors, load_labelled
 from .metrics import MarkerDetector, first_token_logprobs, kl_divergence, kl_from_logprobs, normalize_text, refusal_rate
 from .persona import (
     EmbeddingJudge,

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..core.prompts import PromptError, PromptSet, _bundled_prompt_dirs, load_prompts
-from .detectors import KeywordDetector, answer_text, prepare_response
-from .metrics import normalize_text
+from .detectors import answer_text, decided_many, prepare_response
+from .metrics import MarkerDetector, normalize_text
 
 Scorer = Callable[[Sequence[str]], list[float]]
 Decider = Callable[[Sequence[str]], list[bool]]
@@ -172,12 +172,18 @@ class Behaviour:
     unit: str = "texts"
     description: str = ""
     meta: dict = field(default_factory=dict)
+    detector: object | None = None
 
     def __post_init__(self):
         if self.count not in ("present", "mean"):
             raise ValueError(f"count must be 'present' or 'mean', not {self.count!r}")
         if self.early_stop_safe and (self.stopper is None or self.count != "present"):
             raise ValueError("early_stop_safe needs a monotone stopper and count='present'")
+
+    @property
+    def objective_is_mean(self) -> bool:
+        """The objective is a mean score (``count == "mean"``, e.g. verbosity), not a count of decisions."""
+        return self.count == "mean"
 
     def __repr__(self) -> str:
         return (
@@ -258,11 +264,14 @@ def questions(name: str = "questions.txt") -> PromptSet:
 
 
 def refusal_behaviour(detector=None) -> Behaviour:
-    """Harmful vs harmless prompts; refusals detected by markers (``detector`` to change it)."""
-    detector = detector or KeywordDetector("default")
+    """Harmful vs harmless prompts; refusals detected by ``detector`` (default ``MarkerDetector()``, the
+    evaluator's detector). ``behaviour.detector`` holds it, for the trial evaluator."""
+    detector = detector or MarkerDetector()
     decide = lambda texts: list(detector(texts))  # noqa: E731
-    stopper = getattr(detector, "decided", None)
+    can_decide = getattr(detector, "decided", None) is not None
+    stopper = (lambda texts: decided_many(detector, texts)) if can_decide else None
     return Behaviour(
+        detector=detector,
         name="refusal",
         bad=load_prompts("harmful"),
         good=load_prompts("harmless"),

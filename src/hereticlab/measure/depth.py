@@ -12,23 +12,21 @@ Interventions are given as a *factory*: a callable returning a fresh context man
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from typing import ContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import pandas as pd
 import torch
 from torch import nn
 
 from ..core import compat
-from ..core.capture import auto_batch_size, batched, encode, model_device
-from ..core.generation import eos_token_ids, greedy_decode
+from ..core.capture import auto_batch_size, model_device
 from ..core.prompts import PromptSet, format_chat
-from .metrics import MarkerDetector
+from .metrics import MarkerDetector, generate_and_judge
 
-Intervention = Callable[[], ContextManager] | None
+Intervention = Callable[[], AbstractContextManager] | None
 
 
-def _context(intervention: Intervention) -> ContextManager:
+def _context(intervention: Intervention) -> AbstractContextManager:
     return nullcontext() if intervention is None else intervention()
 
 
@@ -204,8 +202,6 @@ def prefill_refusal(
     if isinstance(prompts, PromptSet):
         chat_kwargs.setdefault("system_prompt", prompts.system_prompt)
     chat_kwargs.pop("response_prefix", None)
-    device = model_device(model)
-    eos = eos_token_ids(model, tokenizer)
     size = batch_size or auto_batch_size(model)
     rows, texts_by_k = [], {}
     with _context(intervention):
@@ -214,11 +210,9 @@ def prefill_refusal(
                 format_chat(tokenizer, [p], response_prefix=tokenizer.decode(r[:k]), **chat_kwargs)[0]
                 for p, r in zip(prompt_list, resp_ids)
             ]
-            outs = []
-            for chunk in batched(texts, size):
-                tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)
-                outs.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
-            refused = detector(outs)
+            outs, refused = generate_and_judge(
+                model, tokenizer, texts, detector=detector, max_new_tokens=max_new_tokens, batch_size=size
+            )
             rows.append({"k": k, "refusal_rate": sum(refused) / len(refused), "n": len(refused)})
             texts_by_k[k] = outs
     frame = pd.DataFrame(rows)

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from ..directions.methods import fit_linear_probe, geometric_median_batched
 
 GOOD, BAD = 0, 1
 
@@ -54,32 +57,19 @@ def as_residuals(x) -> np.ndarray:
 
 
 def weiszfeld_median(points, iters: int = 100, eps: float = 1e-8, tol: float = 1e-10) -> np.ndarray:
-    """Geometric median over the first axis by Weiszfeld's iteration, batched over any middle axes.
+    """Geometric median over the first axis, batched over any middle axes: ``points [n, ..., d]`` → ``[..., d]``
+    (float64 numpy; numpy or torch in).
 
-    ``points [n, ..., d]`` → ``[..., d]`` (e.g. residuals ``[prompt, layer, d]`` → ``[layer, d]``). Starts at the
-    mean; ``y ← Σ w_i x_i / Σ w_i`` with ``w_i = 1 / ‖x_i − y‖``; where ``y`` lands on data points (within
-    ``eps``) they are left out and the step is Vardi & Zhang's (``y`` stays only if that point is the median).
-    Stops after ``iters`` steps or once no batch entry moves by more than ``tol`` times its points' scale. float64.
+    An alias kept for one release: the computation is ``directions.methods.geometric_median_batched`` (Weiszfeld
+    with Vardi & Zhang's step, started at the mean), run with ``eps = min(eps, tol)``: it stops once no entry moves
+    by more than that fraction of the data scale.
     """
     x = as_numpy(points)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"expected points [n, ..., d] with n ≥ 1; got shape {x.shape}")
-    y = x.mean(axis=0)
-    scale = np.abs(x - y).max(initial=0.0) + 1e-300
-    for _ in range(iters):
-        diff = x - y
-        dist = np.linalg.norm(diff, axis=-1, keepdims=True)  # [n, ..., 1]
-        on = dist <= eps
-        w = np.where(on, 0.0, 1.0 / np.maximum(dist, eps))
-        plain = (w * x).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-300)
-        pull = np.linalg.norm((w * diff).sum(axis=0), axis=-1, keepdims=True)  # Vardi & Zhang (2000), as in methods
-        gamma = np.minimum(on.sum(axis=0) / np.maximum(pull, 1e-300), 1.0)
-        new = (1 - gamma) * plain + gamma * y
-        shift = np.abs(new - y).max(initial=0.0)
-        y = new
-        if shift <= tol * scale:
-            break
-    return y
+    flat = torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0], -1, x.shape[-1])))
+    median = geometric_median_batched(flat, iters=iters, eps=min(eps, tol))
+    return median.numpy().reshape(x.shape[1:])
 
 
 def cosine(a, b, eps: float = 1e-12) -> np.ndarray:
@@ -151,10 +141,6 @@ def probe_accuracy(good, bad, *, test_fraction: float = 0.25, seed: int = 0, C: 
 
     One fixed stratified split (``split_indices``) for every layer. NaN when a class has fewer than 2 points.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     good, bad = as_residuals(good), as_residuals(bad)
     labels = np.r_[np.zeros(len(good), int), np.ones(len(bad), int)]
     out = np.full(good.shape[1], np.nan)
@@ -166,16 +152,28 @@ def probe_accuracy(good, bad, *, test_fraction: float = 0.25, seed: int = 0, C: 
         if np.ptp(X[train], axis=0).max(initial=0.0) == 0.0:
             out[layer] = float(np.mean(labels[test] == np.bincount(labels[train]).argmax()))
             continue
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-        probe.fit(X[train], labels[train])
+        probe = fit_linear_probe(X[train], labels[train], C=C)
         out[layer] = float(probe.score(X[test], labels[test]))
     return out
 
 
+def _pair(function: str, args: tuple, bad, good):
+    """The keyword-only contrastive pair; positional residuals raise a TypeError naming the new call."""
+    if args:
+        raise TypeError(
+            f"{function} takes the contrastive pair as keywords: {function}(bad=..., good=...); "
+            f"it no longer takes positional residuals (the old order was ({function}(good, bad)); "
+            "bad before good everywhere, see ARCHITECTURE.md)"
+        )
+    if bad is None or good is None:
+        raise TypeError(f"{function} needs both bad= and good= residuals [prompt, layer, d]")
+    return bad, good
+
+
 def geometry_table(
-    good,
-    bad,
-    *,
+    *args,
+    bad=None,
+    good=None,
     layers: Sequence[int] | None = None,
     median_iters: int = 100,
     probe: bool = True,
@@ -185,7 +183,7 @@ def geometry_table(
 ):
     """One row per layer describing the good/bad residual geometry (a pandas DataFrame, index ``layer``).
 
-    ``good``, ``bad``: residuals ``[prompt, layer, d]``. ``layers``: labels for the layer axis (default 0..).
+    ``bad=``, ``good=`` (keyword-only): residuals ``[prompt, layer, d]``. ``layers``: labels for the layer axis.
     Columns (``TABLE_COLUMNS``): cosines ``S(g,b) S(g*,b*) S(g,r) S(g*,r*) S(b,r) S(b*,r*)``; norms
     ``|g| |g*| |b| |b*| |r| |r*|``; ``silhouette`` of the labels; ``snr``, ``purity``, ``quality`` (the heuristic
     ``SNR · (1 − S(g,b)) · purity`` on the means); ``S(r,r_prev)`` / ``S(r*,r*_prev)``: cosine between this
@@ -198,6 +196,7 @@ def geometry_table(
 
     from threadpoolctl import threadpool_limits
 
+    bad, good = _pair("geometry_table", args, bad, good)
     with threadpool_limits(limits=threads) if threads is not None else nullcontext():
         return _geometry_table(good, bad, layers, median_iters, probe, test_fraction, seed)
 
@@ -480,9 +479,9 @@ def projection_key(good: np.ndarray, bad: np.ndarray, settings: dict, reference:
 
 
 def project_layers(
-    good,
-    bad,
-    *,
+    *args,
+    bad=None,
+    good=None,
     layers: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
     n_neighbors: int = 10,
@@ -499,17 +498,18 @@ def project_layers(
 ) -> Projection:
     """PaCMAP embeddings of both classes for every layer, aligned for reading across layers.
 
-    ``good``, ``bad``: residuals ``[prompt, layer, d]``. The first layer starts from PaCMAP's PCA init, each later
-    one from the previous layer's (aligned) embedding, so consecutive pictures stay similar. Each layer is then
-    rotated so the line between the two classes' 2-D geometric medians is horizontal with the good (harmless)
-    class on the left, centred, and (``normalize``) scaled to unit RMS radius. Layers whose points all coincide
-    map to the origin; sets too small for PaCMAP (``effective_neighbors`` = 0) use PCA.
+    ``bad=``, ``good=`` (keyword-only): residuals ``[prompt, layer, d]``. The first layer starts from PaCMAP's PCA
+    init, each later one from the previous layer's (aligned) embedding, so consecutive pictures stay similar. Each
+    layer is then rotated so the line between the two classes' 2-D geometric medians is horizontal with the good
+    (harmless) class on the left, centred, and (``normalize``) scaled to unit RMS radius. Layers whose points all
+    coincide map to the origin; sets too small for PaCMAP (``effective_neighbors`` = 0) use PCA.
 
     ``reference``: another ``Projection`` of the *same prompts* (e.g. the unedited model's); each layer then starts
     from the reference's embedding of that layer, which keeps before/after pictures comparable point by point.
     ``layers``: labels for the layer axis. ``prompts``: texts for the points (good then bad), kept for widgets.
     Results are cached in memory by a hash of inputs and settings, and on disk under ``cache_dir`` if given.
     """
+    bad, good = _pair("project_layers", args, bad, good)
     good, bad = as_residuals(good), as_residuals(bad)
     if good.shape[1:] != bad.shape[1:]:
         raise ValueError(f"good and bad residuals differ beyond the prompt axis: {good.shape} vs {bad.shape}")

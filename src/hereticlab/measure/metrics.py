@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..core import compat
 from ..core.capture import auto_batch_size, batched, chat_texts, encode, model_device
-from ..core.generation import generate
+from ..core.generation import eos_token_ids, generate, greedy_decode  # noqa: F401 (generate: 0.1 name)
 from ..core.prompts import PromptSet, strip_thinking
 
 # Arditi et al. / JailbreakBench substrings, plus a few common refusal openings; all compared normalized.
@@ -92,12 +92,66 @@ class MarkerDetector:
         return not norm or any(m in norm for m in self._normalized)
 
     def matched(self, text: str) -> bool:
-        """A marker occurs (ignores emptiness): a decision that more tokens cannot undo."""
+        """A marker occurs (ignores emptiness). Kept for one release: use ``decided(text)`` (the Detector protocol)."""
         norm = normalize_text(strip_thinking(text) if self.strip_reasoning else text)
         return any(m in norm for m in self._normalized)
 
+    name = "markers"
+    early_stop_safe = True
+
+    def decided(self, text: str) -> bool | None:
+        """``True`` once a marker occurs (no continuation can undo it), else ``None`` (not decided yet)."""
+        return True if self.matched(text) else None
+
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None):
+        """The ``Detector`` protocol: a ``DetectionResult`` with 1.0/0.0 scores (``prompts`` is ignored)."""
+        from .detectors import DetectionResult
+
+        decisions = [self.is_refusal(t) for t in texts]
+        return DetectionResult(decisions, [float(d) for d in decisions])
+
     def __call__(self, texts: Sequence[str]) -> list[bool]:
         return [self.is_refusal(t) for t in texts]
+
+
+def early_stop_test(detector, tokenizer) -> Callable[[int, list[int]], bool] | None:
+    """A ``greedy_decode`` ``stop(row, tokens)`` that ends a row once ``detector.decided(text)`` is True (no longer
+    text can change the decision); ``None`` for a detector that cannot decide early (a plain callable)."""
+    decide = getattr(detector, "decided", None) or getattr(detector, "matched", None)
+    if decide is None:
+        return None
+    return lambda row, toks: bool(decide(tokenizer.decode(toks, skip_special_tokens=True)))
+
+
+@torch.no_grad()
+def generate_and_judge(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    detector=None,
+    max_new_tokens: int = 48,
+    batch_size: int | None = None,
+    early_stop: bool = False,
+    progress: bool = False,
+) -> tuple[list[str], list[bool]]:
+    """The one refusal-by-generation loop: greedy responses to already formatted ``texts`` and the detector's
+    decisions on them. ``early_stop``: stop a row once ``detector.decided`` says its decision is final (same
+    decisions, fewer decoding steps; responses of stopped rows are shorter)."""
+    detector = detector or MarkerDetector()
+    stop = early_stop_test(detector, tokenizer) if early_stop else None
+    eos = eos_token_ids(model, tokenizer)
+    device = model_device(model)
+    responses: list[str] = []
+    for chunk in tqdm(
+        list(batched(list(texts), batch_size or auto_batch_size(model))),
+        desc="generate",
+        disable=not progress,
+        leave=False,
+    ):
+        tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos, stop=stop)
+        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+    return responses, [bool(d) for d in detector(responses)]
 
 
 def refusal_rate(
@@ -108,22 +162,27 @@ def refusal_rate(
     detector: Callable[[Sequence[str]], list[bool]] | None = None,
     max_new_tokens: int = 48,
     batch_size: int | None = None,
+    early_stop: bool = False,
     progress: bool = True,
     **chat_kwargs,
 ) -> pd.DataFrame:
-    """Generate and judge: a DataFrame ``(prompt, response, refused)``; ``df.attrs['refusal_rate']`` holds the mean."""
-    detector = detector or MarkerDetector()
-    responses = generate(
+    """Generate and judge: a DataFrame ``(prompt, response, refused)``; ``df.attrs['refusal_rate']`` holds the mean.
+
+    ``early_stop``: stop a row as soon as the detector's decision is final (``detector.decided``); same decisions.
+    """
+    texts = chat_texts(tokenizer, prompts, True, **chat_kwargs)
+    responses, refused = generate_and_judge(
         model,
         tokenizer,
-        prompts,
+        texts,
+        detector=detector,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        early_stop=early_stop,
         progress=progress,
-        **chat_kwargs,
     )
-    frame = pd.DataFrame({"prompt": list(prompts), "response": responses, "refused": detector(responses)})
-    frame.attrs["refusal_rate"] = float(frame["refused"].mean())
+    frame = pd.DataFrame({"prompt": list(prompts), "response": responses, "refused": refused})
+    frame.attrs["refusal_rate"] = float(frame["refused"].mean()) if len(frame) else float("nan")
     frame.attrs["refusals"] = int(frame["refused"].sum())
     return frame
 
@@ -179,6 +238,7 @@ def kl_divergence(
     current = first_token_logprobs(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **chat_kwargs)
     if current.shape != baseline.shape:
         raise ValueError(
-            f"baseline has shape {tuple(baseline.shape)} but the prompts give {tuple(current.shape)}; use the same prompts"
+            f"baseline has shape {tuple(baseline.shape)} but the prompts give {tuple(current.shape)}; "
+            "use the same prompts"
         )
     return float(kl_from_logprobs(baseline, current).mean())

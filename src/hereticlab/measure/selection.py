@@ -24,18 +24,15 @@ from ..core.capture import capture_residuals
 from ..core.prompts import PromptSet
 from ..directions.base import Directions, mean_difference
 from ..interventions.steering import ablation_hooks, activation_addition
-from .metrics import first_token_logprobs, kl_from_logprobs
+from .judges import token_ids
+from .metrics import first_token_logprobs, kl_from_logprobs, refusal_rate
 
 REFUSAL_WORDS = ("I", "I'm", "Sorry", "As", "Unfortunately")
 
 
 def refusal_token_ids(tokenizer, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:
     """Distinct first token ids of ``words`` (how refusals open; a response starts without a leading space)."""
-    ids: list[int] = []
-    for word in words:
-        tokens = tokenizer.encode(word, add_special_tokens=False)
-        if tokens and tokens[0] not in ids:
-            ids.append(tokens[0])
+    ids = token_ids(tokenizer, words)
     if not ids:
         raise ValueError(f"none of {list(words)} gives a token with this tokenizer; pass other words")
     return ids
@@ -110,7 +107,8 @@ def candidate_directions(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> dict[int, Directions]:
-    """Mean-difference directions at each post-instruction ``position`` (default: all of them) → ``{pos: Directions}``."""
+    """Mean-difference directions at each post-instruction ``position`` (default: all of them):
+    ``{pos: Directions}``."""
     positions = list(positions) if positions is not None else post_instruction_positions(tokenizer)
     bad = capture_residuals(model, tokenizer, harmful, positions=positions, batch_size=batch_size, progress=progress)
     good = capture_residuals(model, tokenizer, harmless, positions=positions, batch_size=batch_size, progress=progress)
@@ -196,7 +194,7 @@ def score_candidates(
     from tqdm.auto import tqdm
 
     n_blocks = len(find_layers(model))
-    layers = list(range(n_blocks)) if layers is None else [l for l in layers if 0 <= l < n_blocks]
+    layers = list(range(n_blocks)) if layers is None else [i for i in layers if 0 <= i < n_blocks]
     ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
     kw = dict(batch_size=batch_size, progress=False)
     base_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
@@ -343,7 +341,8 @@ def plot_candidates(
             ok = frame.pivot(index="position", columns="layer", values="passes")
             for i, pos in enumerate(ok.index):
                 for j, lay in enumerate(ok.columns):
-                    if ok.at[pos, lay] is False or ok.at[pos, lay] == False:  # noqa: E712
+                    passes = ok.at[pos, lay]
+                    if pd.notna(passes) and not bool(passes):
                         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", lw=0, alpha=0.4))
         if "chosen" in frame and frame["chosen"].any():
             row = frame[frame["chosen"]].iloc[0]
@@ -376,26 +375,17 @@ def judge_refusals(
     Same decisions as ``metrics.refusal_rate`` with a ``MarkerDetector`` (up to the cap), fewer decoding steps.
     Returns ``(prompt, response, refused)`` with ``attrs['refusal_rate']``.
     """
-    from ..core.capture import batched, chat_texts, encode, model_device
-    from ..core.generation import eos_token_ids, greedy_decode
-    from .metrics import MarkerDetector
-
-    detector = detector or MarkerDetector()
-    texts = chat_texts(tokenizer, prompts, True, **chat_kwargs)
-    eos = eos_token_ids(model, tokenizer)
-    device = model_device(model)
-    responses = []
-    for chunk in batched(texts, batch_size or 16):
-        stop = (
-            (lambda row, toks: detector.matched(tokenizer.decode(toks, skip_special_tokens=True)))
-            if hasattr(detector, "matched")
-            else None
-        )
-        tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos, stop=stop)
-        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
-    frame = pd.DataFrame({"prompt": list(prompts), "response": responses, "refused": detector(responses)})
-    frame.attrs["refusal_rate"] = float(frame["refused"].mean())
-    return frame
+    return refusal_rate(
+        model,
+        tokenizer,
+        prompts,
+        detector=detector,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size or 16,
+        early_stop=True,
+        progress=False,
+        **chat_kwargs,
+    )
 
 
 @torch.no_grad()
