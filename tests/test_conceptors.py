@@ -36,11 +36,11 @@ def test_not_not_is_identity_and_and_with_identity():
     C = cp.compute_conceptor(data(), aperture=1.5)
     assert torch.allclose(cp.NOT(cp.NOT(C)).matrix, C.matrix, atol=1e-12)
     assert torch.allclose((~C).matrix, torch.eye(12, dtype=torch.float64) - C.matrix, atol=1e-12)
-    I = cp.identity_conceptor(12)
-    assert torch.allclose(cp.AND(C, I).matrix, C.matrix, atol=1e-10)
-    assert torch.allclose(cp.AND(I, C).matrix, C.matrix, atol=1e-10)
+    eye = cp.identity_conceptor(12)
+    assert torch.allclose(cp.AND(C, eye).matrix, C.matrix, atol=1e-10)
+    assert torch.allclose(cp.AND(eye, C).matrix, C.matrix, atol=1e-10)
     low = cp.compute_conceptor(data(n=4, rank=2), aperture=3.0)  # singular: AND restricted to its range
-    assert torch.allclose(cp.AND(low, I).matrix, low.matrix, atol=1e-10)
+    assert torch.allclose(cp.AND(low, eye).matrix, low.matrix, atol=1e-10)
 
 
 def test_and_or_match_closed_forms_for_invertible_conceptors():
@@ -170,7 +170,7 @@ def test_apply_matches_matrix():
 def test_identity_conceptor_with_beta_one_is_exact(tiny_llama):
     model, tok = tiny_llama
     base = logits(model, tok)
-    with cp.conceptor_steering(model, cp.identity_conceptor(64), layer=[1, 3], beta=1.0):
+    with cp.conceptor_steering(model, cp.identity_conceptor(64), resid=[1, 3], beta=1.0):
         assert torch.equal(logits(model, tok), base)
 
 
@@ -184,9 +184,9 @@ def test_conceptor_steering_changes_and_restores(tiny_llama):
     with cp.conceptor_steering(model, {2: C}, beta=1.0):
         steered = logits(model, tok)
     assert (steered - base).abs().max() > 1e-4
-    with cp.conceptor_steering(model, {-2: C}, beta=1.0):  # negative keys count from the end (4 blocks)
+    with cp.conceptor_steering(model, {-3: C}, beta=1.0):  # keys are resid indices: -3 is 2 of 0..4 (4 blocks)
         assert torch.equal(logits(model, tok), steered)
     assert torch.equal(logits(model, tok), base)
-    with cp.conceptor_steering(model, C, layer=2, beta=1.0, positions="response", prompt_length=base.shape[1] - 2):
+    with cp.conceptor_steering(model, C, resid=2, beta=1.0, positions="response", prompt_length=base.shape[1] - 2):
         part = logits(model, tok)
     assert torch.equal(part[:, :-2], base[:, :-2])

@@ -20,7 +20,7 @@ def logits(model, tok, prompts=PROMPTS):
 def test_alpha_zero_is_identity(tiny_llama, positions):
     model, tok = tiny_llama
     base = logits(model, tok)
-    with st.activation_addition(model, torch.randn(64), layer=[0, 2], alpha=0.0, positions=positions, prompt_length=30):
+    with st.activation_addition(model, torch.randn(64), resid=[0, 2], alpha=0.0, positions=positions, prompt_length=30):
         assert torch.equal(logits(model, tok), base)
 
 
@@ -28,11 +28,11 @@ def test_context_manager_restores_logits_exactly(tiny_llama):
     model, tok = tiny_llama
     base = logits(model, tok)
     v = torch.randn(64) * 5
-    with st.activation_addition(model, v, layer=1, alpha=2.0):
+    with st.activation_addition(model, v, resid=1, alpha=2.0):
         assert (logits(model, tok) - base).abs().max() > 1e-3
     assert torch.equal(logits(model, tok), base)
     with pytest.raises(RuntimeError):
-        with st.activation_addition(model, v, layer=1, alpha=2.0):
+        with st.activation_addition(model, v, resid=1, alpha=2.0):
             raise RuntimeError("boom")
     assert torch.equal(logits(model, tok), base)
 
@@ -43,9 +43,9 @@ def test_directions_vector_per_layer_and_negative_layer(tiny_llama):
     vecs = torch.zeros(5, 64)
     vecs[3] = torch.randn(64) * 5
     dirs = hl.Directions(vecs)
-    with st.activation_addition(model, dirs, layer=[1, 2], alpha=3.0):  # zero vectors at residuals 1, 2
+    with st.activation_addition(model, dirs, resid=[1, 2], alpha=3.0):  # zero vectors at residuals 1, 2
         assert torch.equal(logits(model, tok), base)
-    with st.activation_addition(model, dirs, layer=-1, alpha=3.0):  # block 3 ← vectors[3]
+    with st.activation_addition(model, dirs, resid=-2, alpha=3.0):  # resid 3 (block 3 input) ← vectors[3]
         assert (logits(model, tok) - base).abs().max() > 1e-3
 
 
@@ -53,7 +53,7 @@ def test_response_positions_with_prompt_length_leave_earlier_tokens_exact(tiny_l
     model, tok = tiny_llama
     base = logits(model, tok)
     k = base.shape[1] - 4
-    with st.activation_addition(model, torch.randn(64) * 5, layer=1, alpha=2.0, positions="response", prompt_length=k):
+    with st.activation_addition(model, torch.randn(64) * 5, resid=1, alpha=2.0, positions="response", prompt_length=k):
         out = logits(model, tok)
     assert torch.equal(out[:, :k], base[:, :k])
     assert (out[:, k:] - base[:, k:]).abs().max() > 1e-3
@@ -190,7 +190,7 @@ def test_chat_comparison_headless_and_widget(tiny_llama):
     v = torch.randn(64) * 5
     steer = [
         Variant(
-            "CAA", lambda alpha: st.activation_addition(model, v, layer=1, alpha=alpha), {"alpha": (-8, 8, 0.5, 0.0)}
+            "CAA", lambda alpha: st.activation_addition(model, v, resid=1, alpha=alpha), {"alpha": (-8, 8, 0.5, 0.0)}
         ),
         Variant(
             "ablate-hooks",
@@ -216,7 +216,7 @@ def test_chat_comparison_headless_and_widget(tiny_llama):
     cmp.run(on_token=lambda title, text: streamed.append(title))  # headless driving with a callback
     cmp.button.click()  # the widget path
     assert cmp.param_values["steered"] == {"alpha": 8.0} and cmp.prompt == PROMPTS[1]
-    with st.activation_addition(model, v, layer=1, alpha=8.0):
+    with st.activation_addition(model, v, resid=1, alpha=8.0):
         steered = generate(model, tok, PROMPTS[1:2], max_new_tokens=4, progress=False)[0]
     assert cmp.responses["steered"] == steered
     assert "original" in streamed and ui is cmp.widget

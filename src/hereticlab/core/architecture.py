@@ -12,7 +12,8 @@ handled raises an error listing the blocks and candidate parameters found.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -447,7 +448,8 @@ def find_writers(model: nn.Module, components: Iterable[str] = COMPONENTS) -> li
             ]
             raise UnsupportedModelError(
                 f"{type(model).__name__}: block {index} ({type(block).__name__}) has no known residual writer; "
-                f"parameters with a {d}-sized axis: {candidates}. Add its name to hereticlab.core.architecture.WRITER_NAMES"
+                f"parameters with a {d}-sized axis: {candidates}. "
+                "Add its name to hereticlab.core.architecture.WRITER_NAMES"
             )
         writers.extend(w for w in found if w.component in components)
     return writers
@@ -457,12 +459,13 @@ def num_layers(model: nn.Module) -> int:
     return len(find_layers(model))
 
 
-def block_output_tensor(output) -> torch.Tensor:
+def block_output_tensor(output: torch.Tensor | tuple | list) -> torch.Tensor:
     """A decoder block returns a tensor or a tuple whose first item is the hidden state."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def replace_block_output(output, hidden: torch.Tensor):
+def replace_block_output(output: torch.Tensor | tuple | list, hidden: torch.Tensor) -> torch.Tensor | tuple | list:
+    """``output`` with its hidden state (a tensor, or a tuple/list's first item) replaced by ``hidden``."""
     if isinstance(output, tuple):
         return (hidden,) + tuple(output[1:])
     if isinstance(output, list):
@@ -565,10 +568,6 @@ class WriterCheck:
         )
 
 
-class _Stop(Exception):
-    pass
-
-
 def _sublayer_name(block: nn.Module, module: nn.Module) -> str | None:
     """The name of ``block``'s direct child that contains ``module`` (``None`` if not inside ``block``)."""
     for name, child in block.named_children():
@@ -582,6 +581,139 @@ def _vocab_size(model: nn.Module) -> int:
         if isinstance(getattr(cfg, "vocab_size", None), int):
             return cfg.vocab_size
     return 256
+
+
+def _pin_points(layers: nn.ModuleList, writers: Sequence[Writer]) -> dict[int, dict[str | int, nn.Module]]:
+    """Per block, the modules whose outputs a clean run records and a perturbed run pins: each writer's direct child
+    of the block (keyed by its name) and each writer module itself (keyed by ``id``), for blocks that call into a
+    sublayer's children without calling the sublayer module."""
+    roots: dict[int, dict[str | int, nn.Module]] = {}
+    modules: dict[int, dict[str | int, nn.Module]] = {}
+    for w in writers:
+        if w.layer >= 0:
+            modules.setdefault(w.layer, {})[id(w.module)] = w.module
+            name = _sublayer_name(layers[w.layer], w.module)
+            if name is not None:
+                roots.setdefault(w.layer, {})[name] = getattr(layers[w.layer], name)
+    return {i: {**roots.get(i, {}), **modules.get(i, {})} for i in sorted(set(roots) | set(modules))}
+
+
+def _is_injected(block: nn.Module, key: str | int, module: nn.Module, inject: Writer | None) -> bool:
+    """Whether pin point ``module`` holds the injected writer (its sublayer, or the writer itself): left unpinned."""
+    if inject is None:
+        return False
+    if isinstance(key, str):
+        return module is getattr(block, _sublayer_name(block, inject.module) or "", None)
+    return module is inject.module
+
+
+@contextmanager
+def _pinning(
+    layers: nn.ModuleList,
+    points: dict[int, dict[str | int, nn.Module]],
+    blocks: Iterable[int],
+    inject: Writer | None,
+    pinned: dict[tuple[int, str | int], object] | None,
+    record: dict[tuple[int, str | int], object],
+) -> Iterator[None]:
+    """Hook the pin points of ``blocks``: record their outputs (``pinned is None``) or replace them by ``pinned``."""
+
+    def hook_for(key: tuple[int, str | int]) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            if pinned is None:
+                record[key] = output
+            elif key in pinned:
+                return pinned[key]
+            return None
+
+        return hook
+
+    handles = []
+    try:
+        for index in blocks:
+            for key, module in points.get(index, {}).items():
+                if not _is_injected(layers[index], key, module, inject):
+                    handles.append(module.register_forward_hook(hook_for((index, key))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _adding(writer: Writer, vector: torch.Tensor) -> Iterator[None]:
+    """Add ``vector [d]`` to ``writer``'s output during the forwards in the block."""
+
+    def add(module: nn.Module, args: tuple, output: object) -> object:
+        hidden = block_output_tensor(output)
+        return replace_block_output(output, hidden + vector.to(hidden.dtype))
+
+    handle = writer.module.register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _writer_residual(writer: Writer) -> int:
+    """The residual a writer writes: 0 for embeddings (block 0's input), ``b + 1`` for a writer in block ``b``."""
+    return 0 if writer.layer < 0 else writer.layer + 1
+
+
+def _probe_run(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    points: dict[int, dict[str | int, nn.Module]],
+    inject: Writer | None = None,
+    vector: torch.Tensor | None = None,
+    pinned: dict[tuple[int, str | int], object] | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[tuple[int, str | int], object]]:
+    """One forward. Clean (``inject is None``): every residual ``[batch, seq, d]`` (float32) and every pin point's
+    output. Perturbed: ``vector`` added to ``inject``'s output, the other pin points of its block set to ``pinned``,
+    and only the residual it writes, the forward stopping there."""
+    from .hooks import trace  # hooks.py builds on this module
+
+    layers = find_layers(model)
+    if inject is None:
+        sites, stop, blocks = list(range(len(layers) + 1)), None, range(len(layers))
+    else:
+        k = _writer_residual(inject)
+        sites, stop, blocks = [k], k, ([] if inject.layer < 0 else [inject.layer])
+    residuals: dict[int, torch.Tensor] = {}
+    outputs: dict[tuple[int, str | int], object] = {}
+
+    def on_read(site: object, hidden: torch.Tensor) -> None:
+        residuals[site.index] = hidden.float().clone()
+
+    with ExitStack() as stack:
+        stack.enter_context(_pinning(layers, points, blocks, inject, pinned, outputs))
+        if inject is not None:
+            stack.enter_context(_adding(inject, vector))
+        stack.enter_context(trace(model, read=sites, on_read=on_read, stop_after=stop))
+        model(input_ids=input_ids, use_cache=False)
+    return residuals, outputs
+
+
+def _classify(writer: Writer, delta: torch.Tensor, u: torch.Tensor, tol: float) -> WriterCheck:
+    """``delta [tokens, d]``: how the residual moved, divided by ``ε``; ``u [d]``: the injected unit vector."""
+    gains = delta @ u
+    perp = (delta - gains[:, None] * u).norm(dim=-1)
+    moved = delta.norm(dim=-1) > tol
+    if not bool(moved.any()):
+        return WriterCheck(writer, "inactive", 0.0, 0.0, float(perp.max()))
+    g = gains[moved]
+    off = float(perp.max())
+    spread = float(g.max() - g.min())
+    median = float(g.median())
+    if off > tol * max(1.0, abs(median)):
+        kind = "normed"
+    elif bool(moved.all()) and float((g - 1).abs().max()) < tol:
+        kind = "direct"
+    elif bool(moved.all()) and spread < tol * max(1.0, abs(median)):
+        kind = "scaled"
+    else:
+        kind = "gated"
+    return WriterCheck(writer, kind, median, spread, off)
 
 
 @torch.no_grad()
@@ -602,123 +734,26 @@ def verify_writers(
     embeddings: the input of block 0) moved. Costs one forward per writer plus one; stops after the block.
     ``tol``: relative tolerance (to ``ε``) for "exactly". Returns one ``WriterCheck`` per writer.
     """
-    layers, _ = _layers_and_prefix(model)
+    layers = find_layers(model)
     all_writers = find_writers(model)
     writers = list(all_writers if writers is None else writers)
-    param = next(model.parameters())
+    device = next(model.parameters()).device
     if input_ids is None:
         gen = torch.Generator().manual_seed(seed)
         input_ids = torch.randint(0, min(_vocab_size(model), 256), (2, 8), generator=gen)
-    input_ids = input_ids.to(param.device)
+    input_ids = input_ids.to(device)
     d = hidden_size(model)
     u = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1))
-    u = (u / u.norm()).to(param.device)
+    u = (u / u.norm()).to(device)
 
-    roots: dict[int, dict[str, nn.Module]] = {}
-    writer_modules: dict[int, dict[int, nn.Module]] = {}
-    for w in all_writers:
-        if w.layer >= 0:
-            writer_modules.setdefault(w.layer, {})[id(w.module)] = w.module
-            name = _sublayer_name(layers[w.layer], w.module)
-            if name is not None:
-                roots.setdefault(w.layer, {})[name] = getattr(layers[w.layer], name)
-
-    def run(inject: Writer | None, baseline: dict | None, record: dict):
-        handles = []
-        target = (
-            layers[0]
-            if inject is not None and inject.layer < 0
-            else (layers[inject.layer] if inject is not None else None)
-        )
-
-        def capture_root(key):
-            def hook(module, args, output):
-                if baseline is None:
-                    record[key] = output
-                elif key in baseline:
-                    return baseline[key]
-
-            return hook
-
-        def capture_block(index):
-            def hook(module, args, kwargs, output):
-                record[("out", index)] = block_output_tensor(output).float().clone()
-                if inject is not None:
-                    raise _Stop
-
-            return hook
-
-        def capture_input(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            record[("in", 0)] = hidden.float().clone()
-            if inject is not None and inject.layer < 0:
-                raise _Stop
-
-        try:
-            handles.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
-            for index, block in enumerate(layers):
-                if inject is None or inject.layer == index:
-                    handles.append(block.register_forward_hook(capture_block(index), with_kwargs=True))
-                    for name, root in roots.get(index, {}).items():
-                        if inject is None or root is not getattr(
-                            block, _sublayer_name(block, inject.module) or "", None
-                        ):
-                            handles.append(root.register_forward_hook(capture_root((index, name))))
-                    # Also pin the other writers themselves, for blocks that call into a sublayer's children
-                    # without calling the sublayer module.
-                    for key, module in writer_modules.get(index, {}).items():
-                        if inject is None or module is not inject.module:
-                            handles.append(module.register_forward_hook(capture_root((index, key))))
-            if inject is not None:
-                eps = inject_eps[inject.layer]
-
-                def add(module, args, output):
-                    hidden = block_output_tensor(output)
-                    return replace_block_output(output, hidden + (eps * u).to(hidden.dtype))
-
-                handles.append(inject.module.register_forward_hook(add))
-            try:
-                model(input_ids=input_ids, use_cache=False)
-            except _Stop:
-                pass
-        finally:
-            for h in handles:
-                h.remove()
-        return target
-
-    base: dict = {}
-    run(None, None, base)
-    inject_eps = {-1: scale * base[("in", 0)].norm(dim=-1).mean().item()}
-    for index in range(len(layers)):
-        inject_eps[index] = scale * base[("out", index)].norm(dim=-1).mean().item()
-
+    points = _pin_points(layers, all_writers)
+    base, outputs = _probe_run(model, input_ids, points)
+    eps = {k: scale * hidden.norm(dim=-1).mean().item() for k, hidden in base.items()}  # per residual index
     checks = []
     for w in writers:
-        pinned = {
-            k: v for k, v in base.items() if isinstance(k, tuple) and k[0] == w.layer and k[1] not in ("in", "out")
-        }
-        rec: dict = {}
-        run(w, pinned, rec)
-        key = ("in", 0) if w.layer < 0 else ("out", w.layer)
-        eps = inject_eps[w.layer]
-        delta = (rec[key] - base[key]).reshape(-1, d) / eps  # [tokens, d]
-        gains = delta @ u.float()
-        perp = (delta - gains[:, None] * u.float()).norm(dim=-1)
-        moved = delta.norm(dim=-1) > tol
-        if not bool(moved.any()):
-            checks.append(WriterCheck(w, "inactive", 0.0, 0.0, float(perp.max())))
-            continue
-        g = gains[moved]
-        off = float(perp.max())
-        spread = float(g.max() - g.min())
-        median = float(g.median())
-        if off > tol * max(1.0, abs(median)):
-            kind = "normed"
-        elif bool(moved.all()) and float((g - 1).abs().max()) < tol:
-            kind = "direct"
-        elif bool(moved.all()) and spread < tol * max(1.0, abs(median)):
-            kind = "scaled"
-        else:
-            kind = "gated"
-        checks.append(WriterCheck(w, kind, median, spread, off))
+        k = _writer_residual(w)
+        pinned = {key: value for key, value in outputs.items() if key[0] == w.layer}
+        moved, _ = _probe_run(model, input_ids, points, w, eps[k] * u, pinned)
+        delta = (moved[k] - base[k]).reshape(-1, d) / eps[k]  # [tokens, d]
+        checks.append(_classify(w, delta, u.float(), tol))
     return checks

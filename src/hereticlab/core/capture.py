@@ -14,16 +14,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from .architecture import block_output_tensor, find_embedding, find_layers
+from .architecture import find_layers
+from .hooks import Site, StopForward, resolve_site, trace
 from .prompts import PromptSet, format_chat
 
-
-class _StopForward(Exception):
-    """Raised inside a hook once every requested layer has been seen."""
+_StopForward = StopForward  # 0.1 name, still imported by interventions/steering.py
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
     return next(model.parameters()).device
 
 
@@ -42,72 +43,80 @@ def auto_batch_size(model: nn.Module, *, tokens_per_prompt: int = 64) -> int:
     return int(max(1, min(256, free * 0.3 // max(per_prompt, 1))))
 
 
-def encode(tokenizer, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Tokenize already-formatted texts with left padding; position ids follow the attention mask."""
-    batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
-    mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": positions.to(device),
-    }
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS token, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def chat_texts(tokenizer, prompts: Sequence[str] | PromptSet, chat: bool = True, **chat_kwargs) -> list[str]:
+def encode_ids(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str, *, prefix_length: int = 0
+) -> dict[str, torch.Tensor]:
+    """The one batch builder: left-pad token lists into ``input_ids [B, T]`` (``T`` = longest row).
+
+    ``prefix_length = P > 0``: the rows follow a shared, already cached prefix of ``P`` tokens, so
+    ``attention_mask`` is ``[B, P + T]`` (prefix ones, padding zeros, own tokens ones) and ``position_ids [B, T]``
+    continue from ``P``. With ``P = 0`` (plain batches) the mask is ``[B, T]`` and positions start at 0 at each
+    row's first token. Padding positions repeat the first real position (``P``), as HF does.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    own = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        if len(tokens):
+            ids[row, width - len(tokens) :] = torch.as_tensor(list(tokens), dtype=torch.long)
+            own[row, width - len(tokens) :] = 1
+    positions = (prefix_length + own.cumsum(-1) - 1).clamp(min=prefix_length)
+    mask = torch.cat([torch.ones(len(rows), prefix_length, dtype=torch.long), own], dim=1)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Tokenize already-formatted texts (no special tokens added) into a left-padded batch (``encode_ids``)."""
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return encode_ids(rows, pad_id(tokenizer), device)
+
+
+def chat_texts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] | PromptSet, chat: bool = True, **chat_kwargs: object
+) -> list[str]:
+    """``prompts`` formatted with the chat template (``chat=True``) or as they are."""
     return format_chat(tokenizer, prompts, **chat_kwargs) if chat else list(prompts)
 
 
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size``."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def _normalize_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    n = len(find_layers(model))
+    """Residual indices (negatives from ``L``) → ``0..L`` via ``hooks.resolve_site``; ``None`` → all ``L + 1``."""
     if layers is None:
-        return list(range(n + 1))
-    out = []
-    for layer in layers:
-        index = layer + n + 1 if layer < 0 else layer
-        if not 0 <= index <= n:
-            raise IndexError(f"residual index {layer} is out of range for a model with {n} blocks (0..{n})")
-        out.append(index)
-    return out
+        return list(range(len(find_layers(model)) + 1))
+    return [resolve_site(model, resid=layer).index for layer in layers]
 
 
 @contextmanager
 def residual_hooks(
     model: nn.Module, layers: Sequence[int], on_residual: Callable[[int, torch.Tensor], None], stop_early: bool = True
-):
+) -> Iterator[None]:
     """Call ``on_residual(index, hidden[batch, seq, d])`` for each requested residual index during a forward.
 
-    With ``stop_early`` the forward is aborted after the deepest requested index (catch ``_StopForward``).
-    Hooks are removed on exit, also on exceptions.
+    A thin form of ``hooks.trace`` (prefer that). With ``stop_early`` the forward is aborted after the deepest
+    requested index by ``hooks.StopForward`` (swallowed on exit if the caller does not catch it first). Hooks are
+    removed on exit, also on exceptions.
     """
-    blocks = find_layers(model)
-    wanted = set(layers)
-    deepest = max(wanted)
-    handles = []
+    resolved = _normalize_layers(model, layers)
 
-    def make_hook(index: int):
-        def hook(module, args, output):
-            on_residual(index, block_output_tensor(output))
-            if stop_early and index == deepest:
-                raise _StopForward
+    def on_read(site: Site, hidden: torch.Tensor) -> None:
+        on_residual(site.index, hidden)
 
-        return hook
-
-    try:
-        if 0 in wanted:
-            handles.append(find_embedding(model).register_forward_hook(make_hook(0)))
-        for i, block in enumerate(blocks):
-            if i + 1 in wanted:
-                handles.append(block.register_forward_hook(make_hook(i + 1)))
+    with trace(model, read=resolved, on_read=on_read, stop_after=max(resolved) if stop_early else None):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _select_positions(hidden: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
@@ -115,17 +124,20 @@ def _select_positions(hidden: torch.Tensor, positions: Sequence[int]) -> torch.T
     return hidden[:, list(positions), :]
 
 
-def _forward_capture(model, batch, layers, positions, on_batch_values):
+def _forward_capture(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layers: list[int],
+    positions: Sequence[int],
+    on_batch_values: Callable[[torch.Tensor], None],
+) -> None:
     store: dict[int, torch.Tensor] = {}
 
-    def on_residual(index, hidden):
-        store[index] = _select_positions(hidden, positions).float()
+    def on_read(site: Site, hidden: torch.Tensor) -> None:
+        store[site.index] = _select_positions(hidden, positions).float()
 
-    with residual_hooks(model, layers, on_residual):
-        try:
-            model(**batch, use_cache=False)
-        except _StopForward:
-            pass
+    with trace(model, read=layers, on_read=on_read, stop_after=max(layers)):
+        model(**batch, use_cache=False)
     # [batch, n_positions, n_layers, d]
     on_batch_values(torch.stack([store[i] for i in layers], dim=2))
 
@@ -133,7 +145,7 @@ def _forward_capture(model, batch, layers, positions, on_batch_values):
 @torch.no_grad()
 def capture_residuals(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     layers: Sequence[int] | None = None,
@@ -141,7 +153,7 @@ def capture_residuals(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> torch.Tensor:
     """Residuals of ``prompts`` at ``layers`` (default: all ``L + 1``) and ``positions`` (default: the last).
 
@@ -164,7 +176,7 @@ def capture_residuals(
 @torch.no_grad()
 def capture_mean(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     layers: Sequence[int] | None = None,
@@ -172,7 +184,7 @@ def capture_mean(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> torch.Tensor:
     """Streaming mean residual ``[layer, d]`` (float64), never holding more than one batch of residuals."""
     layers = _normalize_layers(model, layers)
@@ -182,7 +194,7 @@ def capture_mean(
     total: torch.Tensor | None = None
     count = 0
 
-    def accumulate(values):  # values [batch, 1, layer, d]
+    def accumulate(values: torch.Tensor) -> None:  # values [batch, 1, layer, d]
         nonlocal total, count
         summed = values[:, 0].double().sum(0).cpu()
         total = summed if total is None else total + summed

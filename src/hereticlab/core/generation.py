@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from . import compat
 from .capture import auto_batch_size, batched, chat_texts, encode, model_device
 from .prompts import PromptSet
 
 
-def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every EOS id the model's generation config, config and tokenizer name."""
     ids = set()
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None) if source is not None else None
@@ -25,26 +27,29 @@ def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_decode(
+def iter_greedy(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
     max_new_tokens: int,
     eos_ids: set[int],
     *,
     stop: Callable[[int, list[int]], bool] | None = None,
-    cache=None,
+    cache: object | None = None,
     first_logits: torch.Tensor | None = None,
-) -> list[list[int]]:
-    """Greedy decoding with a KV cache; logits only at the last position; finished rows leave the batch.
+) -> Iterator[dict[int, int]]:
+    """The one decode loop, one step at a time: greedy decoding with a KV cache, logits only at the last position,
+    finished rows leaving the batch.
 
-    ``stop(row, tokens)`` returns True once row ``row`` is decided (its generation ends there).
-    ``cache`` / ``first_logits``: a prefill already done by the caller (``[B, V]`` next-token logits).
-    Returns the generated token ids per row (EOS excluded).
+    ``batch``: a left-padded batch (``capture.encode``): ``input_ids``, ``attention_mask``, ``position_ids`` ``[B, T]``.
+    Yields ``{row: token}`` for the rows that produced a (non-EOS) token at each step, before the next forward runs
+    (so a consumer that stops iterating saves the rest). A row ends at EOS (not yielded), at ``max_new_tokens``, or
+    when ``stop(row, tokens so far)`` returns True. ``cache`` / ``first_logits``: a prefill already done by the caller
+    (``[B, V]`` next-token logits).
     """
     n = batch["input_ids"].shape[0]
     generated: list[list[int]] = [[] for _ in range(n)]
     if max_new_tokens <= 0:
-        return generated
+        return
     if first_logits is None:
         logits, cache = compat.forward(model, batch, use_cache=True)
         first_logits = logits[:, -1]
@@ -54,14 +59,18 @@ def greedy_decode(
     positions = batch["position_ids"][:, -1:]
     for _ in range(max_new_tokens):
         keep = []
+        step: dict[int, int] = {}
         for i, row in enumerate(rows):
             token = int(next_tokens[i])
             if token in eos_ids:
                 continue
             generated[row].append(token)
+            step[row] = token
             if len(generated[row]) >= max_new_tokens or (stop is not None and stop(row, generated[row])):
                 continue
             keep.append(i)
+        if step:
+            yield step
         if not keep:
             break
         if len(keep) < len(rows):
@@ -75,20 +84,42 @@ def greedy_decode(
             model, {"input_ids": next_tokens[:, None], "attention_mask": mask, "position_ids": positions}, cache=cache
         )
         next_tokens = logits[:, -1].argmax(-1)
+
+
+def greedy_decode(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    *,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    cache: object | None = None,
+    first_logits: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of a whole batch (``iter_greedy`` run to the end).
+
+    ``stop(row, tokens)`` returns True once row ``row`` is decided (its generation ends there).
+    ``cache`` / ``first_logits``: a prefill already done by the caller (``[B, V]`` next-token logits).
+    Returns the generated token ids per row (EOS excluded).
+    """
+    generated: list[list[int]] = [[] for _ in range(batch["input_ids"].shape[0])]
+    for step in iter_greedy(model, batch, max_new_tokens, eos_ids, stop=stop, cache=cache, first_logits=first_logits):
+        for row, token in step.items():
+            generated[row].append(token)
     return generated
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     max_new_tokens: int = 64,
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> list[str]:
     """Greedy responses to ``prompts`` (chat template applied), batched with left padding."""
     texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)

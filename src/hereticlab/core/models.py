@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 
 class ModelLoadError(RuntimeError):
@@ -182,11 +184,12 @@ def resolve_model_source(name_or_path: str) -> str:
     except Exception:
         raise ModelLoadError(
             f"'{name_or_path}' is neither 'default', a packaged model ({', '.join(PACKAGED_MODELS)}), a local folder, "
-            "nor a hub id in the local Hugging Face cache (this machine is offline): download it elsewhere and pass its folder"
+            "nor a hub id in the local Hugging Face cache (this machine is offline): "
+            "download it elsewhere and pass its folder"
         ) from None
 
 
-def prepare_tokenizer(tokenizer):
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Left padding (generation appends on the right) and a pad token."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -200,7 +203,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
-):
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` offline.
 
     ``name_or_path``: ``"default"`` (the embedded Qwen2.5-Coder-0.5B-Instruct), ``"smollm2"``, a local model

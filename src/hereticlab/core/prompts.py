@@ -8,6 +8,10 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
@@ -58,7 +62,9 @@ class PromptSet:
         random.Random(seed).shuffle(order)
         return replace(self, prompts=tuple(order))
 
-    def split(self, train: int | float = 200, *, eval: int | float | None = None, seed: int = 0):
+    def split(
+        self, train: int | float = 200, *, eval: int | float | None = None, seed: int = 0
+    ) -> tuple[PromptSet, PromptSet]:
         """Shuffle with ``seed`` and cut into disjoint ``(train, eval)`` sets.
 
         ``train`` / ``eval``: counts, or fractions of the set when below 1. ``eval=None`` takes the rest.
@@ -123,7 +129,7 @@ def available_sets() -> list[str]:
     return sorted(names)
 
 
-def load_prompts(source: str | Path | Sequence[str], *, name: str | None = None, **chat) -> PromptSet:
+def load_prompts(source: str | Path | Sequence[str], *, name: str | None = None, **chat: object) -> PromptSet:
     """Load a prompt set.
 
     ``source``: a named set shipped with hereticlab (``"harmful"``, ``"harmless"``, see ``available_sets()``),
@@ -160,7 +166,7 @@ THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
 
 def format_chat(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     system_prompt: str | None = None,

@@ -7,6 +7,8 @@ tokenizer and a chat template, so every code path runs in seconds without downlo
 from __future__ import annotations
 
 import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -15,7 +17,7 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
     """A byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML template, built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -48,7 +50,7 @@ def _common(vocab: int) -> dict:
     )
 
 
-def tiny_config(family: str, vocab: int):
+def tiny_config(family: str, vocab: int) -> PretrainedConfig:
     """A small config of ``family``; see ``TINY_FAMILIES``."""
     import transformers as tf
 
@@ -213,7 +215,7 @@ VLM_FAMILIES = ("llava", "gemma3_vlm")
 ALL_FAMILIES = TINY_FAMILIES + MOE_FAMILIES + SSM_FAMILIES + VLM_FAMILIES
 
 
-def randomize_norms(model, scale: float = 0.3, seed: int = 0) -> None:
+def randomize_norms(model: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
     """Add ``scale · N(0, 1)`` noise to every norm's weight in place.
 
     Random inits leave norm gains at exactly 1 (Gemma: ``1 + 0``), which hides effects that real checkpoints show,
@@ -227,7 +229,9 @@ def randomize_norms(model, scale: float = 0.3, seed: int = 0) -> None:
                 weight.add_(scale * torch.randn(weight.shape, generator=gen).to(weight.dtype))
 
 
-def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, random_norms: bool = False):
+def tiny_model(
+    family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, random_norms: bool = False
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: a random ``family`` model small enough for unit tests (see ``ALL_FAMILIES``).
 
     ``random_norms``: perturb norm gains away from 1 (``randomize_norms``), closer to trained checkpoints.

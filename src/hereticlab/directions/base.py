@@ -94,6 +94,33 @@ class Directions:
         vec = self.at(index)
         return orthonormal_basis(vec)
 
+    def ablate(self, model, strength=1.0, *, at: float | None = None, hooks: bool = False, **kwargs):
+        """A lazy ablation of these directions from ``model`` (an ``Intervention``: applied on ``with`` / ``.apply()``).
+
+        ``at``: ablate the one direction ``self.at(at)`` everywhere (default: each residual its own direction).
+        ``hooks=False``: weight orthogonalization, ``interventions.WeightAblation(model, d, strength, **kwargs)``
+        (``components=``, ``norm=``, ``backup=``); ``hooks=True``: ``interventions.ablation_hooks(model, d,
+        strength=strength, **kwargs)`` (``resid=`` / ``block=``, ``include_embedding=``). ``strength`` is the ablation
+        kernel (a float; for weights also a ``kernels`` function), not a steering ``alpha``.
+        """
+        from ..interventions.edits import WeightAblation
+        from ..interventions.steering import ablation_hooks
+
+        direction = self if at is None else self.at(at)
+        if hooks:
+            return ablation_hooks(model, direction, strength=strength, **kwargs)
+        return WeightAblation(model, direction, strength, **kwargs)
+
+    def steer(self, model, *, resid=None, block=None, alpha: float = 1.0, **kwargs):
+        """A lazy activation addition ``h ← h + α r_k`` at ``resid=k`` (or ``block=b``'s output, ``k = b + 1``).
+
+        Same as ``interventions.activation_addition(model, self, resid=, block=, alpha=, **kwargs)`` (``positions=``,
+        ``prompt_length=``); residual ``k`` gets this object's raw vector ``vectors[k]`` (rank 1 only).
+        """
+        from ..interventions.steering import activation_addition
+
+        return activation_addition(model, self, resid=resid, block=block, alpha=alpha, **kwargs)
+
     def to_dict(self) -> dict:
         return {"method": self.method, "rank": self.rank, "n_residuals": self.n_residuals, **self.meta}
 

@@ -2,6 +2,7 @@
 residual writers, with revert), hook-based steering (ablation hooks, activation addition, CAA, reading vectors),
 conceptors, export of an edit as merged weights or a LoRA adapter, and 4-bit models."""
 
+from .base import HookIntervention, Intervention
 from .conceptors import (
     AND,
     NOT,
@@ -12,7 +13,16 @@ from .conceptors import (
     conceptor_steering,
     identity_conceptor,
 )
-from .edits import EditHandle, WeightBackup, WriterEdit, ablate, apply_edits, orthogonalize, plan_ablation
+from .edits import (
+    EditHandle,
+    WeightAblation,
+    WeightBackup,
+    WriterEdit,
+    ablate,
+    apply_edits,
+    orthogonalize,
+    plan_ablation,
+)
 from .export import ExportError, save_adapter, save_merged
 from .kernels import constant_kernel, gaussian_kernel, tent_kernel
 from .steering import (

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.architecture import num_layers
-from .steering import Positions, residual_input_hooks
+from ..core.hooks import resolve_site
+from .base import HookIntervention
+from .steering import Positions, _steering_residuals, residual_input_hooks
 
 DEFAULT_TOL = 1e-9  # eigenvalues below this count as zero (null space) in AND / OR
 
@@ -213,35 +214,50 @@ def aperture_sweep(X: torch.Tensor, apertures: Sequence[float], *, center: bool 
     return pd.DataFrame(rows)
 
 
+class ConceptorSteering(HookIntervention):
+    """Lazy conceptor steering (see ``conceptor_steering``): ``h ← β C_k h`` at residual ``k`` for each ``k`` of
+    ``table``."""
+
+    def __init__(self, model, table: dict[int, Conceptor], *, beta=1.0, positions="all", prompt_length=None):
+        self.model, self.table, self.beta = model, dict(table), beta
+        self.positions, self.prompt_length = positions, prompt_length
+
+        def transform(index, hidden):
+            return self.table[index].apply(hidden, beta)
+
+        super().__init__(
+            lambda: residual_input_hooks(
+                model, sorted(self.table), transform, positions=positions, prompt_length=prompt_length
+            )
+        )
+
+
 def conceptor_steering(
     model: nn.Module,
     conceptor: Conceptor | dict[int, Conceptor],
     *,
-    layer: int | Sequence[int] | None = None,
+    resid: int | Sequence[int] | None = None,
+    block: int | Sequence[int] | None = None,
     beta: float = 1.0,
     positions: Positions = "all",
     prompt_length=None,
-):
-    """Context manager: ``h ← β C h`` at the input of block(s) ``layer`` (residual index ``layer``).
+    layer: int | Sequence[int] | None = None,
+) -> ConceptorSteering:
+    """``h ← β C h`` at site(s) ``resid=`` / ``block=`` (``block=b`` is block ``b``'s output, ``resid=b + 1``).
 
-    ``conceptor``: one ``Conceptor`` (used at every ``layer``) or ``{layer: Conceptor}`` (then ``layer`` may be
-    omitted). ``positions`` / ``prompt_length`` as in ``activation_addition``. With ``C = I`` and ``β = 1``
-    every activation is unchanged.
+    ``conceptor``: one ``Conceptor`` (used at every site) or ``{k: Conceptor}`` keyed by residual index (``resid``
+    rule: ``0..L``, ``-1`` = ``L``; then no site keyword is needed). ``beta`` scales the conceptor's output (not a
+    steering ``alpha``; the aperture is set on the conceptor, ``with_aperture``). ``positions`` / ``prompt_length``
+    as in ``activation_addition``. With ``C = I`` and ``β = 1`` every activation is unchanged. Lazy: returns a
+    ``ConceptorSteering`` applied on ``with`` / ``.apply()``.
+
+    ``layer=l`` (0.1, deprecated): the input of block ``l`` = ``resid=l``; ``layer=-1`` is ``resid=L - 1``.
     """
-    n = num_layers(model)
     if isinstance(conceptor, dict):
-        table = {(k + n if k < 0 else k): c for k, c in conceptor.items()}
-        layers = list(table) if layer is None else ([layer] if isinstance(layer, int) else list(layer))
+        if resid is not None or block is not None or layer is not None:
+            raise TypeError("a {residual: Conceptor} table carries its own sites; pass no resid=/block=/layer=")
+        table = {resolve_site(model, resid=k).index: c for k, c in conceptor.items()}
     else:
-        if layer is None:
-            raise ValueError("pass layer= for a single conceptor")
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        table = {}
-    layers = [index + n if index < 0 else index for index in layers]
-    if not isinstance(conceptor, dict):
-        table = {index: conceptor for index in layers}
-
-    def transform(index, hidden):
-        return table[index].apply(hidden, beta)
-
-    return residual_input_hooks(model, layers, transform, positions=positions, prompt_length=prompt_length)
+        residuals = _steering_residuals(model, "conceptor_steering", resid, block, layer)
+        table = {k: conceptor for k in residuals}
+    return ConceptorSteering(model, table, beta=beta, positions=positions, prompt_length=prompt_length)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.architecture import Writer, find_layers, find_writers, post_norm_basis
 from ..directions.base import Directions, orthonormal_basis
+from .base import Intervention
 
 NORM_MODES = ("none", "row", "column")  # plain; Heretic's per-row MPOA; Jim Lai's per-column MPOA
 
@@ -205,13 +206,15 @@ class WeightBackup:
         return sum(o.numel() * o.element_size() for _, o in self._originals.values())
 
 
-class EditHandle:
-    """An applied edit. ``revert()`` restores every touched parameter bit for bit; usable as a context manager.
+class EditHandle(Intervention):
+    """A weight edit (an ``Intervention``): ``apply()`` writes it, ``revert()`` restores every touched parameter bit
+    for bit; ``with handle:`` applies on entry (if not applied yet) and reverts on exit.
 
     ``make_permanent()`` forgets the originals (the edit stays; ``revert`` is then impossible).
     """
 
     def __init__(self, model: nn.Module, edits: list[WriterEdit], backup: WeightBackup, own_backup: bool):
+        super().__init__()
         self.model = model
         self.edits = edits
         self._backup = backup
@@ -248,23 +251,14 @@ class EditHandle:
         self.active = True
         return self
 
-    def revert(self) -> None:
-        if not self.active:
-            return
+    def _revert(self) -> None:
         self._backup.restore(self._params)
-        self.active = False
 
     def make_permanent(self) -> None:
         self.active = False
         self._params = []
         if self._own_backup:
             self._backup = WeightBackup()
-
-    def __enter__(self) -> EditHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.revert()
 
     def __repr__(self) -> str:
         return f"EditHandle({len(self.edits)} writer edits, active={self.active})"
@@ -275,7 +269,26 @@ def apply_edits(model: nn.Module, edits: list[WriterEdit], backup: WeightBackup 
 
     Pass a long-lived ``backup`` to avoid copying the original weights again on every call.
     """
-    return EditHandle(model, edits, backup or WeightBackup(), own_backup=backup is None)._apply()
+    return EditHandle(model, edits, backup or WeightBackup(), own_backup=backup is None).apply()
+
+
+class WeightAblation(EditHandle):
+    """Lazy weight ablation: plans ``plan_ablation(model, direction, strength, ...)`` now (pure math, the model is
+    untouched) and writes it on ``apply()`` / ``with``. ``strength`` is the ablation kernel (a float or a
+    ``kernels`` function of the layer), not a steering coefficient."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        direction: torch.Tensor | Directions,
+        strength: Strength = 1.0,
+        *,
+        components: Sequence[str] = ("attn", "mlp"),
+        norm: str = "none",
+        backup: WeightBackup | None = None,
+    ):
+        edits = plan_ablation(model, direction, strength, components=components, norm=norm)
+        super().__init__(model, edits, backup or WeightBackup(), own_backup=backup is None)
 
 
 def ablate(
@@ -290,9 +303,10 @@ def ablate(
     """Orthogonalize residual writers against ``direction`` in place (see ``plan_ablation``).
 
     ``with hl.ablate(model, dirs.at(14.3), strength=hl.tent_kernel(...)):`` — leaving the block restores the
-    weights bit for bit.
+    weights bit for bit. Applied at once (0.1 behaviour: ``handle = hl.ablate(...); ...; handle.revert()``); for a
+    lazy object use ``WeightAblation(...)`` or ``Directions.ablate(model, ...)``.
     """
-    return apply_edits(model, plan_ablation(model, direction, strength, components=components, norm=norm), backup)
+    return WeightAblation(model, direction, strength, components=components, norm=norm, backup=backup).apply()
 
 
 def first_edited_layer(edits: Sequence[WriterEdit]) -> int:

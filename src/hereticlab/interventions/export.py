@@ -52,7 +52,9 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def _check_lora_writer(writer) -> None:
-    """Raise ``ExportError`` unless a LoRA adapter on ``writer`` can carry its edit (an ``nn.Linear`` weight, no bias)."""
+    """Raise ``ExportError`` unless a LoRA adapter on ``writer`` can carry its edit.
+
+    That needs an ``nn.Linear`` weight and no bias."""
     if not isinstance(writer.module, nn.Linear) or writer.param != "weight":
         raise ExportError(
             f"{writer.name} is not an nn.Linear weight; LoRA export covers Linear writers (attention/MLP/SSM "

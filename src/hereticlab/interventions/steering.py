@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import ContextManager, Union
 
 import pandas as pd
 import torch
@@ -31,8 +30,10 @@ from ..core.capture import (
     residual_hooks,
 )
 from ..core.generation import generate
+from ..core.hooks import resolve_site
 from ..core.prompts import format_chat
 from ..directions.base import Directions, mean_difference, orthonormal_basis
+from .base import HookIntervention, resolve_residuals, warn_layer_keyword
 
 
 def _remove_projection(x: torch.Tensor, q: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -42,24 +43,60 @@ def _remove_projection(x: torch.Tensor, q: torch.Tensor, strength: float = 1.0) 
     return (xf - strength * (xf @ q) @ q.T).to(x.dtype)
 
 
-@contextmanager
+class AblationHooks(HookIntervention):
+    """Lazy inference-time directional ablation (see ``ablation_hooks``); ``residuals``: the residual indices whose
+    writers are hooked (``None``: all)."""
+
+    def __init__(self, model, direction, *, residuals=None, strength=1.0, include_embedding=True):
+        self.model, self.direction, self.residuals, self.strength = model, direction, residuals, strength
+        self.include_embedding = include_embedding
+        super().__init__(
+            lambda: _ablation_hooks(
+                model, direction, residuals=residuals, strength=strength, include_embedding=include_embedding
+            )
+        )
+
+
 def ablation_hooks(
     model: nn.Module,
     direction: torch.Tensor | Directions,
     *,
-    layers: Sequence[int] | None = None,
+    resid: int | Sequence[int] | None = None,
+    block: int | Sequence[int] | None = None,
     strength: float = 1.0,
     include_embedding: bool = True,
-):
+    layers: Sequence[int] | None = None,
+) -> AblationHooks:
     """Project ``direction`` out of the residual stream at every position (Arditi et al.'s inference-time ablation).
 
     Implemented on the writers' outputs (embedding, attention, MLP, SSM, experts' parent module), which keeps
     the stream orthogonal to the direction everywhere it is read — the same as weight orthogonalization of all
-    writers (exactly so for models without norms after a writer). ``layers``: blocks to hook (default all).
-    ``direction``: ``[d]`` / ``[k, d]`` shared by all layers, or ``Directions`` (block ``l`` uses index ``l + 1``).
+    writers (exactly so for models without norms after a writer). Sites (default: every writer): ``resid=k``
+    hooks the writers of residual ``k`` (``0``: the embedding; ``k ≥ 1``: block ``k - 1``), ``block=b`` hooks block
+    ``b``'s writers (= ``resid=b + 1``). ``strength``: fraction of the projection removed (ablation kernel, not a
+    steering ``alpha``). ``direction``: ``[d]`` / ``[k, d]`` shared by all layers, or ``Directions`` (residual ``k``
+    uses index ``k``). Lazy: returns an ``AblationHooks`` applied on ``with`` / ``.apply()``.
+
+    ``layers=`` (0.1, deprecated): block indices, where ``0`` or ``-1`` also hooked the embedding.
     """
+    residuals = None
+    if layers is not None:
+        if resid is not None or block is not None:
+            raise TypeError("pass resid=/block= or the deprecated layers=, not both")
+        chosen = set(layers)
+        residuals = sorted(
+            {0 for x in chosen if x in (0, -1) and include_embedding} | {x + 1 for x in chosen if x >= 0}
+        )
+        warn_layer_keyword("ablation_hooks", "layers", list(layers), f"resid={residuals}")
+    elif resid is not None or block is not None:
+        residuals = resolve_residuals(model, resid=resid, block=block)
+    return AblationHooks(model, direction, residuals=residuals, strength=strength, include_embedding=include_embedding)
+
+
+@contextmanager
+def _ablation_hooks(model, direction, *, residuals, strength, include_embedding):
     n = len(find_layers(model))
-    chosen = set(range(n) if layers is None else layers)
+    chosen = set(range(n + 1) if residuals is None else residuals)  # residual indices
     shared = None if isinstance(direction, Directions) else orthonormal_basis(direction.float())
 
     def basis_for(index: int) -> torch.Tensor:
@@ -79,10 +116,10 @@ def ablation_hooks(
         hooked: set[int] = set()
         for writer in writers:
             if writer.component == "embed":
-                if include_embedding and (layers is None or 0 in chosen or -1 in chosen):
+                if include_embedding and 0 in chosen:
                     handles.append(writer.module.register_forward_hook(make_hook(basis_for(0))))
                 continue
-            if writer.layer not in chosen or id(writer.module) in hooked:
+            if writer.layer + 1 not in chosen or id(writer.module) in hooked:
                 continue
             hooked.add(id(writer.module))
             handles.append(writer.module.register_forward_hook(make_hook(basis_for(writer.layer + 1))))
@@ -90,7 +127,7 @@ def ablation_hooks(
         # biases and any gated shared expert all sum there), found from the expert writers whatever it is named.
         blocks = find_layers(model)
         for writer in find_writers(model, ("expert",)):
-            if writer.layer not in chosen:
+            if writer.layer + 1 not in chosen:
                 continue
             block = blocks[writer.layer]
             name = next(
@@ -111,11 +148,13 @@ def ablation_hooks(
 # Position masks and residual hooks at block inputs
 # ----------------------------------------------------------------------------------------------------------
 
-Positions = Union[str, slice, Callable[[int, int, torch.device], torch.Tensor]]
+Positions = str | slice | Callable[[int, int, torch.device], torch.Tensor]
 
 
 def _cache_offset(kwargs: dict, block_index: int) -> int:
-    """Tokens already in the KV cache for this block (0 without a cache): the absolute index of this call's first token."""
+    """Tokens already in the KV cache for this block (0 without a cache).
+
+    That is the absolute index of this call's first token."""
     return compat.cached_length(compat.cache_in_call((), kwargs), block_index)
 
 
@@ -146,7 +185,8 @@ def position_mask(
             return None
         if positions not in ("prompt", "response", "last_prompt"):
             raise ValueError(
-                f"positions must be 'all', 'prompt', 'response', 'last_prompt', a slice or a callable; got {positions!r}"
+                "positions must be 'all', 'prompt', 'response', 'last_prompt', a slice or a callable; "
+                f"got {positions!r}"
             )
         absolute = torch.arange(offset, offset + seq, device=device)
         if positions == "last_prompt":
@@ -189,11 +229,14 @@ def residual_input_hooks(
     positions: Positions = "all",
     prompt_length: int | Sequence[int] | torch.Tensor | None = None,
 ):
-    """Replace the residual stream at the input of block(s) ``layers`` by ``transform(layer, hidden)``.
+    """Replace the residual stream at residual index(es) ``layers`` by ``transform(index, hidden)``.
 
-    ``hidden [batch, seq, d]`` is residual index ``layer`` (the stream after ``layer`` blocks). Only the tokens
-    selected by ``positions`` (see ``position_mask``) change; the others keep their exact values. Negative
-    layers count from the end. Hooks are removed on exit, also on exceptions.
+    ``hidden [batch, seq, d]`` is residual index ``index`` (the stream after ``index`` blocks, ``0..L``): the input of
+    block ``index``, or for ``index = L`` the last block's output. Only the tokens selected by ``positions`` (see
+    ``position_mask``) change; the others keep their exact values. Negative indices count from ``L`` blocks here
+    (the 0.1 rule: ``-1`` is block ``L - 1``'s input); the public interventions resolve ``resid=`` / ``block=``
+    sites with ``core.hooks.resolve_site`` and pass non-negative indices. Hooks are removed on exit, also on
+    exceptions.
     """
     blocks = find_layers(model)
     targets = [layers] if isinstance(layers, int) else list(layers)
@@ -233,11 +276,32 @@ def residual_input_hooks(
 
         return hook
 
+    last = len(blocks) - 1
+    seen: dict[str, int] = {}
+
+    def last_pre_hook(module, args, kwargs):  # residual L: the offset is read before the last block runs
+        seen["offset"] = _cache_offset(kwargs, last) if from_cache else call["offset"]
+
+    def last_post_hook(module, args, output):
+        hidden = block_output_tensor(output)
+        batch, seq = hidden.shape[:2]
+        mask = position_mask(
+            positions, batch=batch, seq=seq, offset=seen["offset"], prompt_length=prompt_length, device=hidden.device
+        )
+        new = transform(last + 1, hidden)
+        if mask is not None:
+            new = torch.where(mask[..., None], new, hidden)
+        return replace_block_output(output, new)
+
     try:
         if not from_cache:
             handles.append(model.register_forward_pre_hook(model_hook, with_kwargs=True))
         for index in targets:
-            handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
+            if index == len(blocks):
+                handles.append(blocks[last].register_forward_pre_hook(last_pre_hook, with_kwargs=True))
+                handles.append(blocks[last].register_forward_hook(last_post_hook))
+            else:
+                handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -253,30 +317,70 @@ def _vector_for(vector: torch.Tensor | Directions, layer: int) -> torch.Tensor:
     return vector
 
 
-@contextmanager
+def _old_layer_residuals(model: nn.Module, layer: int | Sequence[int]) -> list[int]:
+    """0.1's ``layer=`` of steering (block input = residual ``layer``; negatives from the number of blocks)."""
+    n = len(find_layers(model))
+    return [x + n if x < 0 else x for x in ([layer] if isinstance(layer, int) else list(layer))]
+
+
+def _steering_residuals(model, function, resid, block, layer) -> list[int]:
+    if layer is not None:
+        if resid is not None or block is not None:
+            raise TypeError(f"pass resid=/block= or the deprecated layer= to {function}, not both")
+        residuals = _old_layer_residuals(model, layer)
+        for k in residuals:
+            resolve_site(model, resid=k)  # range check
+        shown = residuals[0] if isinstance(layer, int) else residuals
+        warn_layer_keyword(function, "layer", layer, f"resid={shown} (the input of block {shown})")
+        return residuals
+    if resid is None and block is None:
+        raise TypeError(f"{function} needs a site: resid=k (stream after k blocks) or block=b (block b's output)")
+    return resolve_residuals(model, resid=resid, block=block)
+
+
+class ActivationAddition(HookIntervention):
+    """Lazy activation addition (see ``activation_addition``): ``h ← h + α v`` at residual indices ``residuals``."""
+
+    def __init__(self, model, vector, *, residuals, alpha=1.0, positions="all", prompt_length=None):
+        self.model, self.vector, self.residuals, self.alpha = model, vector, list(residuals), alpha
+        self.positions, self.prompt_length = positions, prompt_length
+
+        def add(index, hidden):
+            v = _vector_for(vector, index).to(device=hidden.device, dtype=hidden.dtype)
+            return hidden + alpha * v
+
+        super().__init__(
+            lambda: residual_input_hooks(model, self.residuals, add, positions=positions, prompt_length=prompt_length)
+        )
+
+
 def activation_addition(
     model: nn.Module,
     vector: torch.Tensor | Directions,
     *,
-    layer: int | Sequence[int],
+    resid: int | Sequence[int] | None = None,
+    block: int | Sequence[int] | None = None,
     alpha: float = 1.0,
     positions: Positions = "all",
     prompt_length: int | Sequence[int] | torch.Tensor | None = None,
-):
-    """Add ``alpha · vector`` to the residual stream at the *input* of block(s) ``layer`` (ActAdd / CAA).
+    layer: int | Sequence[int] | None = None,
+) -> ActivationAddition:
+    """Add ``alpha · vector`` to the residual stream at site(s) ``resid=`` / ``block=`` (ActAdd / CAA).
 
-    ``vector``: raw (unnormalized) ``[d]``, or ``Directions`` (block ``l`` gets ``vectors[l]``, residual index
-    ``l``). ``positions``: ``"all"``, ``"prompt"`` / ``"response"`` (split at ``prompt_length``; without it,
-    the prefill is prompt and every cached decoding step is response), ``"last_prompt"``, a slice of absolute positions, or a
-    callable; see ``position_mask``. ``alpha = 0`` leaves every activation bit for bit unchanged.
+    ``resid=k``: the stream after ``k`` blocks (``0..L``, ``-1`` = ``L``); ``block=b``: block ``b``'s output
+    (``= resid=b + 1``). ``vector``: raw (unnormalized) ``[d]``, or ``Directions`` (residual ``k`` gets
+    ``vectors[k]``). ``positions``: ``"all"``, ``"prompt"`` / ``"response"`` (split at ``prompt_length``; without
+    it, the prefill is prompt and every cached decoding step is response), ``"last_prompt"``, a slice of absolute
+    positions, or a callable; see ``position_mask``. ``alpha = 0`` leaves every activation bit for bit unchanged.
+    Lazy: returns an ``ActivationAddition`` applied on ``with`` / ``.apply()``.
+
+    ``layer=l`` (0.1, deprecated): the input of block ``l`` = ``resid=l`` for ``l ≥ 0``; ``layer=-1`` is block
+    ``L - 1``'s input, ``resid=L - 1`` (not ``resid=-1``, which is ``L``).
     """
-
-    def add(index, hidden):
-        v = _vector_for(vector, index).to(device=hidden.device, dtype=hidden.dtype)
-        return hidden + alpha * v
-
-    with residual_input_hooks(model, layer, add, positions=positions, prompt_length=prompt_length):
-        yield
+    residuals = _steering_residuals(model, "activation_addition", resid, block, layer)
+    return ActivationAddition(
+        model, vector, residuals=residuals, alpha=alpha, positions=positions, prompt_length=prompt_length
+    )
 
 
 steer = activation_addition  # the short name used in notebooks
@@ -374,7 +478,7 @@ def capture_span_mean(
         store: dict[int, torch.Tensor] = {}
         w = weights.to(device)
 
-        def on_residual(index, hidden):
+        def on_residual(index, hidden, store=store, w=w):
             store[index] = torch.einsum("bs,bsd->bd", w, hidden.float())
 
         with residual_hooks(model, layers, on_residual):
@@ -472,7 +576,7 @@ def intervention_sweep(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
-    make: Callable[..., ContextManager],
+    make: Callable[..., AbstractContextManager],
     grid: Sequence[dict] | dict[str, Sequence],
     *,
     scorer: Callable[[str], float] | None = None,
@@ -528,8 +632,9 @@ def steering_sweep(
 ) -> pd.DataFrame:
     """``intervention_sweep`` of ``activation_addition`` over ``alphas × layers`` (columns ``layer``, ``alpha``)."""
 
-    def make(layer, alpha):
-        return activation_addition(model, vector, layer=layer, alpha=alpha, positions=positions)
+    def make(layer, alpha):  # ``layers``: block inputs (0.1 rule: negatives from the number of blocks)
+        [k] = _old_layer_residuals(model, layer)
+        return activation_addition(model, vector, resid=k, alpha=alpha, positions=positions)
 
     return intervention_sweep(
         model,

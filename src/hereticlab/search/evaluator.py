@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..core import compat
 from ..core.architecture import block_output_tensor, find_layers
-from ..core.capture import batched, chat_texts, encode, model_device
+from ..core.capture import batched, chat_texts, encode, encode_ids, model_device, pad_id
 from ..core.generation import eos_token_ids, greedy_decode
 from ..core.prompts import PromptSet
 from ..interventions.edits import WeightBackup, WriterEdit, apply_edits, first_edited_layer
@@ -125,26 +125,6 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
             i += 1
         n = i
     return n
-
-
-def pad_after_prefix(
-    suffixes: Sequence[Sequence[int]], prefix_length: int, pad_id: int, device
-) -> dict[str, torch.Tensor]:
-    """Left-pad token lists that follow a shared cached prefix of ``prefix_length`` tokens.
-
-    Returns ``input_ids [B, T]``, ``attention_mask [B, P + T]`` (prefix ones, padding zeros, tokens ones) and
-    ``position_ids [B, T]`` continuing from ``P`` for each row's own tokens.
-    """
-    width = max(len(s) for s in suffixes)
-    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
-    own = torch.zeros((len(suffixes), width), dtype=torch.long)
-    for row, tokens in enumerate(suffixes):
-        if tokens:
-            ids[row, width - len(tokens) :] = torch.tensor(tokens)
-            own[row, width - len(tokens) :] = 1
-    positions = (prefix_length + own.cumsum(-1) - 1).clamp(min=prefix_length)
-    mask = torch.cat([torch.ones(len(suffixes), prefix_length, dtype=torch.long), own], dim=1)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 class TrialEvaluator:
@@ -259,11 +239,7 @@ class TrialEvaluator:
         except _NotShareable:  # not one plain key/value layer per block (SSM state, windows): no sharing
             side.prefix, prefix_kv, self.share_prefix = side.prefix[:, :0], None, False
         shared = side.prefix_length
-        pad = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else (self.tokenizer.eos_token_id or 0)
-        )
+        pad = pad_id(self.tokenizer)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         blocks = find_layers(self.model)
         checkpoints = set(self._checkpoints())
@@ -271,11 +247,11 @@ class TrialEvaluator:
         for chunk in tqdm(
             list(batched(order, self.batch_size)), desc="record prefix", disable=not self._progress, leave=False
         ):
-            batch = _Batch(pad_after_prefix([ids[i][shared:] for i in chunk], shared, pad, device), list(chunk))
+            batch = _Batch(encode_ids([ids[i][shared:] for i in chunk], pad, device, prefix_length=shared), list(chunk))
             if checkpoints:
                 handles = []
 
-                def make_hook(index):
+                def make_hook(index: int, batch: _Batch = batch):
                     def hook(module, args, output):
                         self._block_returns_tuple = isinstance(output, tuple)
                         if index + 1 in checkpoints:
@@ -422,7 +398,7 @@ class TrialEvaluator:
         for batch in side.batches:
             early: dict[int, bool] = {}
 
-            def stop(row: int, tokens: list[int]) -> bool:
+            def stop(row: int, tokens: list[int], early: dict[int, bool] = early) -> bool:
                 if not self.early_stop:
                     return False
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)

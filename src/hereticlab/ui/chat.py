@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 import torch
 from torch import nn
 
-from ..core import compat
 from ..core.capture import encode, model_device
-from ..core.generation import eos_token_ids
+from ..core.generation import eos_token_ids, iter_greedy
 from ..core.prompts import format_chat
 
 
@@ -34,10 +32,10 @@ class Variant:
     """
 
     name: str
-    factory: Callable[..., ContextManager] | None = None
+    factory: Callable[..., AbstractContextManager] | None = None
     params: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
-    def context(self, **values) -> ContextManager:
+    def context(self, **values) -> AbstractContextManager:
         if self.factory is None:
             return nullcontext()
         merged = {k: spec[3] for k, spec in self.params.items()}
@@ -55,33 +53,14 @@ def stream_generate(
     system_prompt: str | None = None,
     chat: bool = True,
 ) -> Iterator[str]:
-    """Greedy decoding of one prompt with a KV cache, yielding the decoded response so far after each token."""
+    """Greedy decoding of one prompt (``core.generation.iter_greedy``), yielding the decoded response so far after
+    each token."""
     text = format_chat(tokenizer, [prompt], system_prompt=system_prompt)[0] if chat else prompt
     batch = encode(tokenizer, [text], model_device(model))
-    eos = eos_token_ids(model, tokenizer)
-    logits, cache = compat.forward(model, batch, use_cache=True)
-    mask, position = batch["attention_mask"], batch["position_ids"][:, -1:]
     tokens: list[int] = []
-    token = int(logits[0, -1].argmax())
-    for step in range(max_new_tokens):
-        if token in eos:
-            break
-        tokens.append(token)
+    for step in iter_greedy(model, batch, max_new_tokens, eos_token_ids(model, tokenizer)):
+        tokens.append(step[0])
         yield tokenizer.decode(tokens, skip_special_tokens=True)
-        if step + 1 == max_new_tokens:
-            break
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        position = position + 1
-        logits, cache = compat.forward(
-            model,
-            {
-                "input_ids": torch.tensor([[token]], device=mask.device),
-                "attention_mask": mask,
-                "position_ids": position,
-            },
-            cache=cache,
-        )
-        token = int(logits[0, -1].argmax())
 
 
 class ChatComparison:
@@ -141,7 +120,9 @@ class ChatComparison:
             )
 
     def run(self, prompt: str | None = None, on_token: Callable[[str, str], None] | None = None) -> dict[str, str]:
-        """Generate every column in turn; ``on_token(title, text_so_far)`` after each token. Returns ``{title: text}``."""
+        """Generate every column in turn; ``on_token(title, text_so_far)`` after each token.
+
+        Returns ``{title: text}``."""
         if prompt is not None:
             self.prompt = prompt
         for title in self.options:
@@ -252,7 +233,7 @@ def compare_chat(
     model: nn.Module,
     tokenizer,
     *,
-    edit: Callable[[], ContextManager] | None = None,
+    edit: Callable[[], AbstractContextManager] | None = None,
     steer: Mapping[str, Variant] | Sequence[Variant] | None = None,
     **kwargs,
 ) -> ChatComparison:

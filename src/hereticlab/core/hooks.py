@@ -1,0 +1,234 @@
+"""One addressing scheme and one hook primitive for reading, writing and stopping the residual stream.
+
+Sites. A model with ``L`` blocks has ``L + 1`` residual sites and ``L`` block sites:
+
+- ``resid=k``, ``k ∈ 0..L``: the stream after ``k`` blocks (``0`` = block 0's input, ``L`` = the last block's raw
+  output, *before* the final norm). Negatives count from ``L``: ``resid=-1`` is ``L``, ``resid=-2`` is ``L - 1``.
+- ``block=b``, ``b ∈ 0..L-1``: decoder block ``b``, which reads residual ``b`` and writes residual ``b + 1``.
+  Negatives count from ``L - 1``: ``block=-1`` is the last block.
+
+``resolve_site`` turns either spelling into a ``Site`` with a non-negative index (or raises a ``ValueError`` naming
+the valid range); every read and write goes through it.
+
+Hooks. ``trace`` registers forward hooks at residual sites for the duration of a ``with`` block::
+
+    with trace(model, read=[0, -1], stop_after=-1) as t:
+        model(**batch, use_cache=False)      # stops after the last block: the final norm and LM head never run
+    t.values[0], t.values[L]                 # [batch, seq, d] each, keyed by the resolved residual index
+
+At each hooked site the order is: ``write`` (replace the stream), then read (record the written value), then stop
+(raise ``StopForward``, which the context manager swallows). Hooks are removed on exit, also on exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .architecture import block_output_tensor, find_layers, replace_block_output
+
+__all__ = ["Site", "SiteError", "SiteLike", "StopForward", "Trace", "resolve_site", "resolve_sites", "trace"]
+
+
+class SiteError(ValueError, IndexError):
+    """A site index out of range for the model (a ``ValueError``; also an ``IndexError`` for 0.1 callers)."""
+
+
+class StopForward(Exception):
+    """Raised inside a forward hook to end the forward pass early (``trace`` catches it on exit)."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the network: ``kind="resid"`` (residual stream after ``index`` blocks) or ``"block"``.
+
+    Build with ``Site.resid(k)`` / ``Site.block(b)`` (negative indices allowed; ``resolve_site`` makes them
+    non-negative against a model). ``residual`` is the residual index a hook reads or writes: ``k`` for a residual
+    site, the block's output ``b + 1`` for a block site.
+    """
+
+    kind: Literal["resid", "block"]
+    index: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("resid", "block"):
+            raise ValueError(f"site kind must be 'resid' or 'block', not {self.kind!r}")
+
+    @classmethod
+    def resid(cls, k: int) -> Site:
+        return cls("resid", int(k))
+
+    @classmethod
+    def block(cls, b: int) -> Site:
+        return cls("block", int(b))
+
+    @property
+    def residual(self) -> int:
+        """The residual index this site's hook sees (a block site: its output, ``b + 1``)."""
+        return self.index if self.kind == "resid" else self.index + 1
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.index}"
+
+
+SiteLike = Site | int
+"""A ``Site``, or a plain int meaning a residual index."""
+
+
+def resolve_site(
+    model: nn.Module, *, resid: int | None = None, block: int | None = None, site: Site | None = None
+) -> Site:
+    """Exactly one of ``resid``, ``block`` or ``site`` → a ``Site`` with a non-negative index for ``model``.
+
+    ``resid`` ∈ ``-(L+1)..L`` (``-1`` is ``L``); ``block`` ∈ ``-L..L-1`` (``-1`` is ``L - 1``). Raises
+    ``SiteError`` (a ``ValueError``) naming the valid range otherwise.
+    """
+    given = [x is not None for x in (resid, block, site)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of resid=, block= or site=")
+    if site is not None:
+        kind, index = site.kind, site.index
+    elif resid is not None:
+        kind, index = "resid", resid
+    else:
+        kind, index = "block", block
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"a {kind} index must be an int, not {type(index).__name__}")
+    n = len(find_layers(model))
+    count = n + 1 if kind == "resid" else n  # residuals 0..L, blocks 0..L-1
+    resolved = index + count if index < 0 else index
+    if not 0 <= resolved < count:
+        name = "residual" if kind == "resid" else "block"
+        raise SiteError(
+            f"{kind}={index} is out of range for a model with {n} blocks: a {name} index is in "
+            f"0..{count - 1} (negatives from {count - 1}: -1..-{count})"
+        )
+    return Site(kind, resolved)
+
+
+def _as_site(model: nn.Module, site: SiteLike) -> Site:
+    if isinstance(site, Site):
+        return resolve_site(model, site=site)
+    return resolve_site(model, resid=site)
+
+
+def resolve_sites(model: nn.Module, sites: Iterable[SiteLike]) -> list[Site]:
+    """Resolve each of ``sites`` (``Site`` or residual int) against ``model``, keeping order."""
+    return [_as_site(model, s) for s in sites]
+
+
+_HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x")
+
+
+def _block_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | None]:
+    """The hidden state a block is called with, and the keyword it came as (``None``: first positional)."""
+    if args:
+        return args[0], None
+    for key in _HIDDEN_KWARGS:
+        if key in kwargs:
+            return kwargs[key], key
+    raise RuntimeError(f"cannot find the hidden state among a block's inputs (keywords: {sorted(kwargs)})")
+
+
+def _register(model: nn.Module, k: int, hook: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Hook residual ``k`` (``k ≥ 0``): ``hook(hidden) -> replacement or None``.
+
+    Residual ``k ≥ 1`` is block ``k - 1``'s output (a forward hook). Residual 0 is block 0's *input* (a forward
+    pre-hook), which is what HF's ``hidden_states[0]`` is: the embedding output plus whatever the model adds before
+    the first block (GPT-2's position embeddings, a VLM's image features).
+    """
+    blocks = find_layers(model)
+    if k == 0:
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            hidden, key = _block_input(args, kwargs)
+            new = hook(hidden)
+            if new is None:
+                return None
+            if key is None:
+                return (new,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, key: new}
+
+        return blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def post_hook(module: nn.Module, args: tuple, output: object) -> object:
+        new = hook(block_output_tensor(output))
+        return None if new is None else replace_block_output(output, new)
+
+    return blocks[k - 1].register_forward_hook(post_hook)
+
+
+@dataclass
+class Trace:
+    """What ``trace`` yields. ``values[k]``: the stream ``[batch, seq, d]`` at residual ``k`` from the last
+    forward (as the model computed it, after any write; not copied, not detached beyond what the forward does)."""
+
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    stopped: bool = False
+
+
+@contextmanager
+def trace(
+    model: nn.Module,
+    *,
+    read: Iterable[SiteLike] = (),
+    write: Callable[[Site, torch.Tensor], torch.Tensor] | None = None,
+    write_at: Iterable[SiteLike] | None = None,
+    stop_after: SiteLike | None = None,
+    on_read: Callable[[Site, torch.Tensor], None] | None = None,
+) -> Iterator[Trace]:
+    """Hook the residual stream of ``model`` for the forwards run inside the ``with`` block.
+
+    - ``read``: sites (``Site`` or residual int) whose stream ``[batch, seq, d]`` is recorded into
+      ``Trace.values[k]`` — or, when ``on_read`` is given, passed to ``on_read(site, hidden)`` instead of stored.
+    - ``write``: ``write(site, hidden[batch, seq, d]) -> hidden`` replaces the stream at each site of ``write_at``
+      (default: every residual ``0..L``); the blocks after see the returned tensor.
+    - ``stop_after``: raise ``StopForward`` once this site's stream is computed (after its write and read); the
+      exception ends the forward and is swallowed when the ``with`` block exits (``Trace.stopped`` is set), so
+      code after the model call inside the block does not run.
+
+    Sites passed as ``Site`` keep their kind in callbacks (a ``Site.block(b)`` is hooked at its output, residual
+    ``b + 1``); ints become ``Site.resid``. Hooks are removed on exit, also on exceptions.
+    """
+    n = len(find_layers(model))
+    reads = {s.residual: s for s in resolve_sites(model, read)}
+    if write is None:
+        writes: dict[int, Site] = {}
+    elif write_at is None:
+        writes = {k: Site("resid", k) for k in range(n + 1)}
+    else:
+        writes = {s.residual: s for s in resolve_sites(model, write_at)}
+    stop = _as_site(model, stop_after).residual if stop_after is not None else None
+    result = Trace()
+
+    def make_hook(k: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def hook(hidden: torch.Tensor) -> torch.Tensor | None:
+            replaced = k in writes
+            if replaced:
+                hidden = write(writes[k], hidden)
+            if k in reads:
+                if on_read is None:
+                    result.values[k] = hidden
+                else:
+                    on_read(reads[k], hidden)
+            if k == stop:
+                raise StopForward
+            return hidden if replaced else None
+
+        return hook
+
+    handles = []
+    try:
+        for k in sorted(set(reads) | set(writes) | ({stop} if stop is not None else set())):
+            handles.append(_register(model, k, make_hook(k)))
+        yield result
+    except StopForward:
+        result.stopped = True
+    finally:
+        for handle in handles:
+            handle.remove()
