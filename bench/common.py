@@ -1,5 +1,6 @@
 """Shared set-up for the benchmarks: model, the canonical prompt splits, directions, a memory sampler, the
-benchmark's trial parameters and the Heretic-style reference evaluator (imported by ``tests/test_bench_reference.py``)."""
+benchmark's trial parameters and the Heretic-style reference evaluator (imported by
+``tests/test_bench_reference.py``)."""
 
 from __future__ import annotations
 

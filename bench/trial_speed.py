@@ -42,7 +42,8 @@ def main():
     model, tok, htr, gtr, hev, gev = setup(args.model, n_train=100, n_eval=args.prompts)
     print(
         f"model {args.model}: {weight_bytes(model) / 2**30:.2f} GiB of weights; {args.trials} trials; "
-        f"{len(hev)} harmful + {len(gev)} harmless prompts; batch {args.batch_size}; torch threads {torch.get_num_threads()}"
+        f"{len(hev)} harmful + {len(gev)} harmless prompts; batch {args.batch_size}; "
+        f"torch threads {torch.get_num_threads()}"
     )
     dirs = hl.mean_difference(
         hl.capture_residuals(model, tok, htr), hl.capture_residuals(model, tok, gtr), project=True
@@ -74,7 +75,8 @@ def main():
     )
 
     print(
-        f"\n{'trial':>5} {'ref s':>8} {'fast s':>8} {'ratio':>6} {'agree':>6} {'ref refusals':>12} {'fast refusals':>13} "
+        f"\n{'trial':>5} {'ref s':>8} {'fast s':>8} {'ratio':>6} {'agree':>6} "
+        f"{'ref refusals':>12} {'fast refusals':>13} "
         f"{'ref KL':>8} {'fast KL':>8} {'steps':>5} {'start':>5}"
     )
     agree_total, n_total = 0, 0

@@ -44,7 +44,8 @@ RUN = [
 ]
 
 # (id, arguments, exit code, keyword that must appear in the error line). ``{d}`` is the folder made by
-# ``make_inputs``; ``{closed}`` a local port nobody listens on; ``{silent}`` a local port that accepts and never answers.
+# ``make_inputs``; ``{closed}`` a local port nobody listens on; ``{silent}`` a local port that accepts and never
+# answers.
 CASES: list[tuple[str, list[str], int, str]] = [
     ("trials-zero", [*RUN, "--trials", "0"], 2, "--trials must be at least 1"),
     ("trials-negative", [*RUN, "--trials", "-5"], 2, "--trials must be at least 1"),

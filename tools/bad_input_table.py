@@ -78,9 +78,8 @@ def main(selected: list[str]) -> int:
                     ok = False
                 failures += not ok
                 mark = "" if ok else " ✗"
-                rows.append(
-                    f"| {case_id} | `{cell(shown_text)}` | {got}{mark} | `{cell(line.replace(str(d), '$D'))}` | {seconds:.1f} |"
-                )
+                shown_line = cell(line.replace(str(d), "$D"))
+                rows.append(f"| {case_id} | `{cell(shown_text)}` | {got}{mark} | `{shown_line}` | {seconds:.1f} |")
                 print(f"{case_id}: {got} in {seconds:.1f} s", file=sys.stderr)
         (d / "read-only").chmod(0o755)
     print(

@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..core.capture import capture_residuals
 from ..core.models import load_model
 from ..core.prompts import PromptSet, load_prompts
-from ..directions.base import Directions, mean_difference
+from ..directions.base import Directions
+from ..directions.methods import DIRECTION_METHODS, compute_directions
 from ..measure.metrics import MarkerDetector, first_token_logprobs, kl_divergence, refusal_rate
 from .evaluator import TrialEvaluator, tune_batch_size
 from .study import (
@@ -151,28 +154,29 @@ def prompt_splits(config: RunConfig, behaviour=None) -> dict[str, PromptSet]:
     }
 
 
-def compute_directions(
-    model, tokenizer, bad: PromptSet, good: PromptSet, methods, batch_size=None
+def _compute_directions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    bad: PromptSet,
+    good: PromptSet,
+    methods: list[str],
+    batch_size: int | None = None,
 ) -> dict[str, Directions]:
-    """Residuals of both training sets once, then every requested direction method on them."""
+    """Residuals of both training sets once, then ``directions.methods.compute_directions`` for each method.
+
+    A method is ``name`` or ``name:k`` (rank ``k``), as ``--methods`` takes it.
+    """
     res_bad = capture_residuals(model, tokenizer, bad, batch_size=batch_size, system_prompt=bad.system_prompt)
     res_good = capture_residuals(model, tokenizer, good, batch_size=batch_size, system_prompt=good.system_prompt)
     out = {}
     for method in methods:
-        if method in ("mean_difference", "projected"):
-            out[method] = mean_difference(res_bad, res_good, project=method == "projected")
-        else:
-            try:
-                from ..directions.methods import DIRECTION_METHODS  # subspaces, medians, probes, clusters
-            except ImportError as exc:
-                raise SearchError(f"direction method {method!r} needs hereticlab.methods ({exc})") from None
-            name, _, rank = method.partition(":")
-            if name not in DIRECTION_METHODS:
-                raise SearchError(
-                    f"unknown direction method {method!r}; known: mean_difference, projected, "
-                    f"{', '.join(DIRECTION_METHODS)} (append :k for a rank, e.g. svd:2)"
-                )
-            out[method] = DIRECTION_METHODS[name](res_bad, res_good, rank=int(rank or 1))
+        name, _, rank = method.partition(":")
+        if name not in DIRECTION_METHODS:
+            raise SearchError(
+                f"unknown direction method {method!r}; known: {', '.join(DIRECTION_METHODS)} "
+                "(append :k for a rank, e.g. svd:2)"
+            )
+        out[method] = compute_directions(name, res_bad, res_good, rank=int(rank or 1))
     return out
 
 
@@ -181,7 +185,7 @@ def _load_or_compute_directions(config, model, tokenizer, splits, out: Path) -> 
     paths = {m: folder / f"{m.replace(':', '_')}.safetensors" for m in config.methods}
     if all(p.exists() for p in paths.values()):
         return {m: Directions.load(p) for m, p in paths.items()}
-    dirs = compute_directions(
+    dirs = _compute_directions(
         model, tokenizer, splits["bad_train"], splits["good_train"], config.methods, config.batch_size
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -227,7 +231,7 @@ class BehaviourDetector:
         return self.behaviour.is_present(list(texts))
 
 
-def get_detector(config: RunConfig, behaviour):
+def get_detector(config: RunConfig, behaviour: Any) -> Any:
     return MarkerDetector() if behaviour is None else BehaviourDetector(behaviour)
 
 
@@ -241,14 +245,14 @@ def _behaviour(config: RunConfig):
 
 def make_objective(
     evaluator: TrialEvaluator,
-    model,
-    directions,
+    model: torch.nn.Module,
+    directions: dict[str, Directions],
     space: SearchSpace,
     kl_floor: float,
     extra_scorers: dict[str, Callable] | None = None,
     measure: Callable[[list[str]], float] | None = None,
     worst: float | None = None,
-):
+) -> Callable[[optuna.Trial], tuple[float, float]]:
     """The Optuna objective: sample, edit in place, evaluate with prefix reuse, revert; store details as attrs.
 
     ``measure``: turns the responses into the first objective instead of counting decisions (a behaviour whose
@@ -283,8 +287,8 @@ def make_objective(
 def run_search(
     config: RunConfig,
     *,
-    model=None,
-    tokenizer=None,
+    model: torch.nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     space: SearchSpace | None = None,
     worker_trials: int | None = None,
     progress: bool = True,
@@ -349,7 +353,7 @@ def run_search(
         f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})"
     )
     measure = worst = None
-    if behaviour is not None and behaviour.count == "mean":  # e.g. verbosity: minimize mean words, not a count
+    if behaviour is not None and behaviour.objective_is_mean:  # e.g. verbosity: minimize mean words, not a count
         measure, worst = behaviour.measure, behaviour.measure(baseline.responses)
         log(f"objective: mean {behaviour.unit.removeprefix('mean ')} per response (baseline {worst:.1f})")
     objective = make_objective(evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst)
@@ -361,9 +365,8 @@ def run_search(
         def on_trial(study, trial):
             bar.update(1)
             r = trial.user_attrs.get("refusals")
-            bar.set_postfix_str(
-                f"#{trial.number}: refusals={'pruned' if r is None else r} kl={trial.user_attrs.get('kl', float('nan')):.3f}"
-            )
+            kl = trial.user_attrs.get("kl", float("nan"))
+            bar.set_postfix_str(f"#{trial.number}: refusals={'pruned' if r is None else r} kl={kl:.3f}")
 
         callbacks = [on_trial]
         if worker_trials is None:
@@ -388,21 +391,21 @@ def run_search(
     chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
     result.chosen = chosen
     # Full-length generation of the final report is decode-bound: a larger batch amortizes each weight read.
-    result.record = finalize(
-        replace(config, batch_size=max(batch, 32)),
-        model,
-        tokenizer,
-        study,
-        chosen,
-        directions,
-        splits,
-        baseline,
-        detector,
-        out,
-        log=log,
-        seconds=time.perf_counter() - t0,
+    context = FinalContext(
+        model=model,
+        tokenizer=tokenizer,
+        study=study,
+        chosen=chosen,
+        directions=directions,
+        splits=splits,
+        baseline=baseline,
+        detector=detector,
+        out=out,
         behaviour=behaviour,
+        seconds=time.perf_counter() - t0,
+        log=log,
     )
+    result.record = finalize(replace(config, batch_size=max(batch, 32)), context)
     write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
     return result
 
@@ -423,26 +426,32 @@ def write_tables(study, out: Path, *, kl_max: float, chosen: int | None = None) 
     plt.close(fig)
 
 
-def finalize(
-    config,
-    model,
-    tokenizer,
-    study,
-    chosen,
-    directions,
-    splits,
-    baseline,
-    detector,
-    out: Path,
-    *,
-    log=print,
-    seconds: float = 0.0,
-    behaviour=None,
-) -> dict:
+@dataclass
+class FinalContext:
+    """What ``finalize`` needs from the search that ran before it (the settings come from ``RunConfig``)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    study: optuna.Study
+    chosen: optuna.trial.FrozenTrial
+    directions: dict[str, Directions]
+    splits: dict[str, PromptSet]
+    baseline: Any  # the evaluator's baseline result (refusals, n_prompts, responses)
+    detector: Any
+    out: Path
+    behaviour: Any = None  # a measure.behaviours.Behaviour; None for refusal
+    seconds: float = 0.0
+    log: Callable[[str], None] = print
+
+
+def finalize(config: RunConfig, context: FinalContext) -> dict:
     """Re-measure the chosen trial on the held-out test prompts, export it, and write ``run.json``."""
     from ..interventions.edits import apply_edits
     from ..interventions.export import save_adapter, save_merged
 
+    model, tokenizer, study, chosen = context.model, context.tokenizer, context.study, context.chosen
+    directions, splits, baseline, detector = context.directions, context.splits, context.baseline, context.detector
+    out, behaviour, seconds, log = context.out, context.behaviour, context.seconds, context.log
     params = trial_params(chosen)
     edits = edits_from_params(model, directions, params)
     chat: dict = {}  # the PromptSets carry their own system prompts
@@ -489,11 +498,13 @@ def finalize(
             refused_after=after["refused"],
         )
         examples.to_csv(out / "test_responses.csv", index=False)
+        what = "refusals" if behaviour is None else behaviour.name
         log(
-            f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {'refusals' if behaviour is None else behaviour.name} "
-            f"{report['refusals_before']} → {report['refusals_after']}; KL on {len(splits['good_test'])} harmless = {kl:.3f}"
+            f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {what} "
+            f"{report['refusals_before']} → {report['refusals_after']}; "
+            f"KL on {len(splits['good_test'])} harmless = {kl:.3f}"
         )
-        if behaviour is not None and behaviour.count == "mean":
+        if behaviour is not None and behaviour.objective_is_mean:
             log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
     hashes, adapter = {}, None
     if config.export:
@@ -530,7 +541,13 @@ def finalize(
     return record
 
 
-def replay(record_path: str | Path, out: str | Path | None = None, *, model=None, tokenizer=None) -> dict[str, str]:
+def replay(
+    record_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, str]:
     """Recreate a run's chosen edit on its base model and save it; returns the weight hashes (compare with run.json)."""
     from ..interventions.export import save_merged
 

@@ -100,7 +100,8 @@ def layer_kernel(params: Mapping[str, Any], component: str, n_layers: int) -> to
     if w_max == 0.0:
         return torch.zeros(n_layers)
     if params.get("kernel", "tent") == "gaussian":
-        return gaussian_kernel(n_layers, peak, w_max, width=reach / 2, cutoff=w_min * 0)
+        # min_weight_fraction shapes only the tent; the gaussian is never cut off (cutoff 0).
+        return gaussian_kernel(n_layers, peak, w_max, width=reach / 2)
     return tent_kernel(n_layers, peak, w_max, w_min, reach)
 
 
@@ -150,7 +151,7 @@ def database_url(storage: str) -> str:
     return storage
 
 
-def make_storage(storage: str | None, run_dir: str | Path | None = None):
+def make_storage(storage: str | None, run_dir: str | Path | None = None) -> optuna.storages.BaseStorage:
     """A journal file in ``run_dir`` by default; otherwise an Optuna storage URL (``sqlite:///…``, ``postgresql://…``).
 
     A path ending in ``.journal`` / ``.log`` is a journal file; RDB storages get a heartbeat so trials of a killed

@@ -293,7 +293,8 @@ def check_run_split(prompts, flag: str, train: int, search: int) -> None:
         fix = (
             f"lower --train-prompts to at most {most} (with --search-prompts {search}) or add prompts"
             if most >= 1
-            else f"add prompts: with --search-prompts {search} the set needs at least {search + 2} (train + search + 1 test)"
+            else f"add prompts: with --search-prompts {search} the set needs at least {search + 2} "
+            "(train + search + 1 test)"
         )
         raise InputError(f"--train-prompts={train} but {flag} {prompts.name} has only {n} prompts", fix)
     if n < need:
