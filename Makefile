@@ -14,7 +14,7 @@ TEST_ARGS ?=
 BIN = $(VENV)/bin
 ENV = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
-.PHONY: setup run test bench lock canary clean
+.PHONY: setup run test lint bench lock canary clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ run: setup
 
 test: setup
 	$(ENV) $(BIN)/python -m pytest -q -x $(TEST_ARGS)
+
+# ruff (lint + format check, line length 120; config in pyproject.toml). .ci/run runs it.
+lint: setup
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 
 bench: setup
 	$(ENV) $(BIN)/python bench/trial_speed.py

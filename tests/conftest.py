@@ -5,10 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
-import pytest
-import torch
+import pytest  # noqa: E402 (environment first)
+import torch  # noqa: E402
 
-from hereticlab.core.testing import tiny_model
+from hereticlab.core.testing import tiny_model  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -73,13 +73,16 @@ def test_names_that_left_hl_warn_and_resolve_to_their_home():
 
     with pytest.warns(DeprecationWarning, match="hereticlab.measure"):
         assert hl.geometry_table is geometry_table
-    with pytest.raises(AttributeError):
-        getattr(hl, "no_such_name")
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = hl.no_such_name
 
 
 def test_importing_the_package_warns_about_nothing():
     import subprocess
     import sys
 
-    code = "import warnings; warnings.simplefilter('error'); import hereticlab, hereticlab.ui.widgets, hereticlab.search.cli"
+    code = (
+        "import warnings; warnings.simplefilter('error'); "
+        "import hereticlab, hereticlab.ui.widgets, hereticlab.search.cli"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -27,10 +27,18 @@ def namespace(tmp_path_factory):
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     return {
-        "model": model, "tok": tok, "harmful": harmful, "harmless": harmless, "L": model.config.num_hidden_layers,
-        "answers": ["Sure, here it is."] * 16, "compliant_answers": ["Sure, here is how."] * 16,
-        "prompts": list(harmless[:2]), "my_score": lambda text: float(len(text)),
-        "X": torch.randn(40, d, generator=g), "r": None, "outputs": str(tmp_path_factory.mktemp("out")),
+        "model": model,
+        "tok": tok,
+        "harmful": harmful,
+        "harmless": harmless,
+        "L": model.config.num_hidden_layers,
+        "answers": ["Sure, here it is."] * 16,
+        "compliant_answers": ["Sure, here is how."] * 16,
+        "prompts": list(harmless[:2]),
+        "my_score": lambda text: float(len(text)),
+        "X": torch.randn(40, d, generator=g),
+        "r": None,
+        "outputs": str(tmp_path_factory.mktemp("out")),
     }
 
 
@@ -44,7 +52,8 @@ def test_readme_block_runs(index, namespace, monkeypatch, tmp_path):
     code = blocks()[index].replace('"default"', '"tiny:llama"').replace("train=200", "train=280")
     code = code.replace("range(4, 20, 2)", "range(1, 4)").replace("layer=12", "layer=2").replace("resid=12", "resid=2")
     code = code.replace("resid=8", "resid=1")
-    code = code.replace("[6, 12]", "[1, 2]").replace("at(14.3)", "at(2.3)").replace("tent_kernel(24, peak=16", "tent_kernel(4, peak=2")
+    code = code.replace("[6, 12]", "[1, 2]").replace("at(14.3)", "at(2.3)")
+    code = code.replace("tent_kernel(24, peak=16", "tent_kernel(4, peak=2")
     code = code.replace("r.at(12)", "r.at(2)").replace(".at(10)", ".at(2)")
     # A random tiny model shows no trait, so the keyword judge keeps no pair (a clear error); a fixed arbitrary judge
     # exercises the same pipeline.
