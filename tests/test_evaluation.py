@@ -246,3 +246,27 @@ def test_decide_after_misses_a_late_marker_one_sided(model_tok):
     for early in (missed, caught):
         assert all(full_d for early_d, full_d in zip(early.decisions, full.decisions) if early_d)
     assert sum(missed.decisions) < sum(full.decisions) and missed.decode_steps <= full.decode_steps
+
+
+def test_sides_with_the_same_prefix_compute_it_once_per_trial(model_tok):
+    """Refusal's harmful and harmless sides share the chat header: one prefix forward per trial, not two."""
+    model, tok = model_tok
+    ev = TrialEvaluator(
+        model, tok, BAD, GOOD, detector=FirstByteDetector(), batch_size=4, max_new_tokens=4, progress=False
+    )
+    assert ev._bad.prefix_length >= 4 and torch.equal(ev._bad.prefix, ev._good.prefix)
+    prefix_calls = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            prefix_calls.append(1)
+            if kwargs.get("input_ids") is not None and torch.equal(kwargs["input_ids"], ev._bad.prefix)
+            else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        result = ev.baseline()
+    finally:
+        handle.remove()
+    assert len(prefix_calls) == 1 and result.kl == pytest.approx(0.0, abs=1e-6)
+    assert ev._prefix_memo is None

@@ -172,6 +172,9 @@ class TrialEvaluator:
         self.eos = eos_token_ids(model, tokenizer)
         self.backup = WeightBackup()
         self._progress = progress
+        # Within one evaluate() the weights are fixed, so sides that share the same prefix tokens (the chat header
+        # and system prompt, for refusal) share one prefix cache: {prefix tokens: keys/values}; None outside.
+        self._prefix_memo: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._kv_replayable = self.n_blocks
         self._texts = {
             "bad": chat_texts(tokenizer, bad, **chat_kwargs),
@@ -201,10 +204,16 @@ class TrialEvaluator:
         """Keys/values of the shared prefix under the current weights (one row, all blocks), or None without one."""
         if not side.prefix_length:
             return None
+        key = tuple(side.prefix[0].tolist())
+        if self._prefix_memo is not None and key in self._prefix_memo:
+            return self._prefix_memo[key]
         _, cache = compat.forward(self.model, {"input_ids": side.prefix}, use_cache=True)
         if cache is None or len(cache.layers) != self.n_blocks or compat.plain_layer_count(cache) != self.n_blocks:
             raise _NotShareable
-        return compat.layer_keys_values(cache)
+        kv = compat.layer_keys_values(cache)
+        if self._prefix_memo is not None:
+            self._prefix_memo[key] = kv
+        return kv
 
     @staticmethod
     def _expanded(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int) -> DynamicCache | None:
@@ -432,6 +441,13 @@ class TrialEvaluator:
 
     def evaluate(self, start_layer: int = 0) -> TrialResult:
         """Measure the model as it is now (apply your edit first); ``start_layer``: the first block it changed."""
+        self._prefix_memo = {}
+        try:
+            return self._evaluate(start_layer)
+        finally:
+            self._prefix_memo = None
+
+    def _evaluate(self, start_layer: int) -> TrialResult:
         t0 = time.perf_counter()
         kl_values = self.kl(start_layer)
         kl = float(kl_values.mean())
