@@ -45,6 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+STALL_SECONDS = 20  # s with unnumbered cells and nothing running before a run counts as stuck
 RUN_TIMEOUT = 180  # s for one notebook's "Run All Cells" (each takes ~15 s of kernel time on tiny:llama)
 
 # JupyterLab user settings for the test server: every cell in the DOM (no windowing, so all prompts and outputs
@@ -199,6 +200,23 @@ class LabServer:
             body = response.read()
         return json.loads(body) if body else None
 
+    def wait_for_connected_kernel(self, notebook: str, timeout: float = 120) -> None:
+        """Wait until the server has a session for ``notebook`` whose kernel is idle with a browser connected, so
+        that a Run All sent now reaches a kernel that is listening (the status bar's "Idle" can come earlier)."""
+        deadline, sessions = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            sessions = self.api("GET", "/api/sessions") or []
+            for session in sessions:
+                kernel = session.get("kernel") or {}
+                if (
+                    session.get("path", "").endswith(notebook)
+                    and kernel.get("execution_state") == "idle"
+                    and kernel.get("connections", 0) > 0
+                ):
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"no connected idle kernel for {notebook} within {timeout} s; sessions {sessions}")
+
     def shutdown_kernels(self) -> None:
         for kernel in self.api("GET", "/api/kernels") or []:
             self.api("DELETE", f"/api/kernels/{kernel['id']}")
@@ -294,19 +312,28 @@ ERRORS_JS = r"""() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-m
 def open_and_run_all(page, lab: LabServer, name: str) -> float:
     """Open ``name`` in JupyterLab, wait for its kernel, choose Run ▸ Run All Cells in the menu bar and wait until
     every code cell has an execution count and the kernel is idle again. Returns the seconds the run took."""
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
+    # ?reset: start from an empty workspace. JupyterLab saves the open tabs on the server; without it the page
+    # restores the previous test's notebook, whose kernel is already shut down, next to this one (a CI failure).
+    page.goto(f"{lab.url}/lab/tree/{name}?reset&token={lab.token}")
     page.locator(".jp-NotebookPanel .jp-CodeCell").first.wait_for(timeout=120_000)
     status = page.locator("#jp-main-statusbar")
     status.get_by_text(re.compile(r"\bIdle\b")).first.wait_for(timeout=120_000)  # kernel started
+    lab.wait_for_connected_kernel(name)
     page.locator("#jp-MainMenu").get_by_role("menuitem", name="Run", exact=True).click()
     page.locator(".lm-Menu").get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    start, running = time.monotonic(), False
+    start, idle_since = time.monotonic(), None
     prompts: list[str] = []
-    while time.monotonic() - start < RUN_TIMEOUT:  # done: no cell queued or running ([*]) after some were
+    # done: every cell numbered and none queued or running ([*]). Cells left unnumbered with nothing running for
+    # STALL_SECONDS mean the kernel dropped the queue: fail then, with the log, rather than wait the full timeout.
+    while time.monotonic() - start < RUN_TIMEOUT:
         prompts = page.evaluate(PROMPTS_JS)
+        if prompts and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts):
+            break
         if "[*]:" in prompts:
-            running = True
-        elif prompts and (running or all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > STALL_SECONDS:
             break
         page.wait_for_timeout(500)
     seconds = time.monotonic() - start
