@@ -1,6 +1,6 @@
 """Layer 4, judging what a model does: refusal markers and detectors (semantic, self-judge, ensembles),
 behaviours (refusal, slop, humour, verbosity), KL and log-prob metrics, safety-depth measures, Arditi et al.'s
-direction selection, residual geometry, and persona vectors with their judges."""
+direction selection, residual geometry, persona vectors with their judges, and claims with intervals (report)."""
 
 from .behaviours import BEHAVIOURS, Behaviour, get_behaviour
 from .depth import per_position_kl, prefill_refusal, response_nll
@@ -29,6 +29,15 @@ from .persona import (
     load_trait,
     monitor_projection,
     projection_difference,
+)
+from .report import (
+    Claim,
+    Estimate,
+    bootstrap_interval,
+    claims_table,
+    conclusions,
+    mean_interval,
+    proportion_interval,
 )
 from .selection import (
     Selection,
