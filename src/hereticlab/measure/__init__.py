@@ -1,8 +1,18 @@
 """Layer 4, judging what a model does: refusal markers and detectors (semantic, self-judge, ensembles),
 behaviours (refusal, slop, humour, verbosity), KL and log-prob metrics, safety-depth measures, Arditi et al.'s
-direction selection, residual geometry, persona vectors with their judges, and claims with intervals (report)."""
+direction selection, residual geometry, persona vectors with their judges, capability and over-refusal checks,
+and claims with intervals (report)."""
 
 from .behaviours import BEHAVIOURS, Behaviour, get_behaviour
+from .capability import (
+    CapabilityItem,
+    answer_nll,
+    capability_answers,
+    capability_report,
+    load_capability_items,
+    over_refusal_rate,
+    score_answer,
+)
 from .depth import per_position_kl, prefill_refusal, response_nll
 from .detectors import DetectionResult, Detector, EnsembleDetector, KeywordDetector, SemanticDetector
 from .embedding import SentenceEmbedder
