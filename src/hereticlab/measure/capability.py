@@ -21,14 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..core.generation import generate
 from ..core.prompts import PROMPTS_DIR, PromptError, PromptSet, load_prompts, strip_thinking
 from .depth import Intervention, response_nll
+from .detectors import Detector
 from .metrics import refusal_rate
 from .report import proportion_interval
 
@@ -279,13 +282,13 @@ def score_answer(item: CapabilityItem, response: str) -> bool:
 @torch.no_grad()
 def capability_answers(
     model: nn.Module,
-    tok,
+    tok: PreTrainedTokenizerBase,
     items: Sequence[CapabilityItem] | None = None,
     *,
     max_new_tokens: int = 64,
     batch_size: int | None = None,
     progress: bool = False,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Greedy answers to capability items, scored.
 
@@ -378,15 +381,15 @@ def capability_report(before: pd.DataFrame, after: pd.DataFrame) -> dict[str, ob
 
 def over_refusal_rate(
     model: nn.Module,
-    tok,
+    tok: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet | None = None,
     *,
-    detector=None,
+    detector: Detector | None = None,
     max_new_tokens: int = 64,
     batch_size: int | None = None,
     early_stop: bool = False,
     progress: bool = False,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Refusals on harmless prompts with alarming words, judged exactly like harmful prompts (``refusal_rate``).
 
@@ -413,14 +416,14 @@ def over_refusal_rate(
 @torch.no_grad()
 def answer_nll(
     model: nn.Module,
-    tok,
+    tok: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     answers: Sequence[str],
     *,
     intervention: Intervention = None,
     max_tokens: int = 64,
     batch_size: int | None = None,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Teacher-forced mean negative log-likelihood per answer token, ``[n]`` (float32, CPU).
 

@@ -137,6 +137,7 @@ class Claim:
         if self.expect.endswith("control"):
             bounds = [(c.low, c.high) for c in self.controls.values()]
         else:
+            assert self.threshold is not None  # checked in __post_init__
             bounds = [(self.threshold, self.threshold)]
         verdicts = [_side(self.estimate, low, high, below) for low, high in bounds]
         if all(v == HOLDS for v in verdicts):
