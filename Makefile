@@ -14,7 +14,7 @@ TEST_ARGS ?=
 BIN = $(VENV)/bin
 ENV = HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
-.PHONY: setup run test lint bench lock canary clean
+.PHONY: setup run test lint typecheck bench lock canary clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests bench tools
 	$(BIN)/ruff format --check src tests bench tools
+
+# mypy on src/hereticlab (config: [tool.mypy] in pyproject.toml); tests/test_typing.py checks that every public
+# function and method is annotated, so this checks the whole public API.
+typecheck: setup
+	$(BIN)/mypy
 
 bench: setup
 	$(ENV) $(BIN)/python bench/trial_speed.py

@@ -147,18 +147,19 @@ def test_hook_ablation_equals_weight_orthogonalization(family):
     with hl.ablation_hooks(model, r, include_embedding=not tied):
         hooked = logits(model, tok)
     assert all(not m._forward_hooks for m in model.modules())
-    # Hooks act on writer outputs (before any post-norm), so they equal the edit against Q itself; for Gemma that is
-    # the uncorrected edit (plan_ablation corrects for the post-norms, see the sandwich tests below).
+    # Hooks act on writer outputs; a writer followed by a post-norm (Gemma 2/3) is projected against the corrected
+    # basis that plan_ablation uses (issue 14), so the hooks equal hl.ablate on every family. Before, they projected
+    # against Q itself and equalled the uncorrected edit on Gemma.
     plain = plan_ablation(model, r, 1.0, components=components, writers=uncorrected(model, components))
     with apply_edits(model, plain):
         edited = logits(model, tok)
     scale = base.abs().max()
     assert (hooked - base).abs().max() > 1e-3 * scale, "ablation had no effect"
-    assert (hooked - edited).abs().max() < 1e-4 * scale
     with hl.ablate(model, r, 1.0, components=components):
         built_in = logits(model, tok)
+    assert (hooked - built_in).abs().max() < 1e-4 * scale
     if family in SANDWICH:
-        assert (built_in - hooked).abs().max() > 1e-3 * scale  # the post-norm correction changes the edit
+        assert (edited - hooked).abs().max() > 1e-3 * scale  # the uncorrected edit (the hooks before issue 14)
     else:
         assert torch.equal(built_in, edited)
     if tied:
@@ -254,7 +255,7 @@ def stream_ablation(model, q):
 
 @pytest.mark.parametrize("family", sorted(SANDWICH))
 def test_sandwich_norm_difference_is_measured(family):
-    """Gemma 2/3: uncorrected weight edits (= hooks on writer outputs) vs ablation of the stream itself, and the
+    """Gemma 2/3: uncorrected weight edits (= the hooks before issue 14) vs ablation of the stream itself, and the
     norm-aware edit ``plan_ablation`` makes.
 
     The embedding is ablated with a hook in every variant (Gemma ties it to the unembedding, see above).
@@ -343,6 +344,38 @@ def test_ablate_removes_the_direction_from_the_stream_on_sandwich_models(family)
     assert torch.equal(block_writes(model, tok), base)  # every edit was reverted
 
 
+@pytest.mark.parametrize("family", sorted(SANDWICH))
+def test_ablation_hooks_equal_ablate_on_sandwich_models(family):
+    """Issue 14: ``ablation_hooks`` on Gemma 2/3 project each writer against the post-norm-corrected basis, as the
+    weight edit of ``hl.ablate`` does: both leave no component along the direction in any block's write (shared and
+    per-layer directions), and they agree with each other (writes and logits to float rounding)."""
+    model, tok = model_for(family)
+    L, d = len(find_layers(model)), hidden_size(model)
+    r = unit(d, seed=11).double()
+    vectors = torch.randn(L + 1, d, generator=torch.Generator().manual_seed(12))
+    per_layer = hl.Directions(vectors)
+    r_layer = torch.stack([hl.normalize(v) for v in vectors[1:]]).double()  # block l writes into index l + 1
+    base, base_logits = block_writes(model, tok), logits(model, tok)
+    for direction, along in ((r.float(), r.expand(L, d)), (per_layer, r_layer)):
+        with hl.ablate(model, direction):
+            edit_writes, edit_logits = block_writes(model, tok), logits(model, tok)
+        with hl.ablation_hooks(model, direction, include_embedding=False):  # hl.ablate leaves the embedding too
+            hook_writes, hook_logits = block_writes(model, tok), logits(model, tok)
+        edit_leak = torch.einsum("ltd,ld->lt", edit_writes, along).abs().amax(-1)  # [L]
+        hook_leak = torch.einsum("ltd,ld->lt", hook_writes, along).abs().amax(-1)
+        gap_writes = float((hook_writes - edit_writes).abs().max() / edit_writes.abs().max())
+        gap_logits = float((hook_logits - edit_logits).abs().max() / edit_logits.abs().max())
+        print(
+            f"\n{family} {type(direction).__name__}: max|r̂ᵀΔx| per block, hooks {hook_leak.tolist()}, "
+            f"ablate {edit_leak.tolist()}; hooks vs ablate: writes {gap_writes:.2g}, logits {gap_logits:.2g}"
+        )
+        assert hook_leak.shape == edit_leak.shape == (L,)
+        assert float(hook_leak.max()) < 1e-4 and float(edit_leak.max()) < 1e-4
+        assert gap_writes < 1e-4 and gap_logits < 1e-4
+        assert float((hook_logits - base_logits).abs().max()) > 1e-3  # the ablation did something
+    assert torch.equal(block_writes(model, tok), base)  # hooks removed, edits reverted
+
+
 def test_post_norm_that_cannot_be_corrected_exactly_is_an_error():
     """A LayerNorm (mean subtraction, bias) after a writer: no weight edit removes the direction exactly."""
     torch.manual_seed(0)
@@ -401,6 +434,45 @@ class _Toy(nn.Module):
         for block in self.model.layers:
             x = block(x)
         return x
+
+
+def test_ablation_hooks_project_a_post_norm_with_bias_at_its_output(monkeypatch):
+    """A post-norm that admits no exact writer-side correction (a LayerNorm with bias): the hooks project the norm's
+    output instead, so every block's write is still orthogonal to the direction (``hl.ablate`` raises there)."""
+    from hereticlab.interventions import steering
+
+    torch.manual_seed(0)
+    model = _Toy(post_norm=True)
+    for block in model.model.layers:
+        with torch.no_grad():
+            block.after.bias.normal_()
+    plain = hl.find_writers
+
+    def with_post_norms(model, components=None):  # the toy's spec does not name its post-norm
+        writers = plain(model, components) if components is not None else plain(model)
+        layers = model.model.layers
+        return [replace(w, post_norm=layers[w.layer].after) if w.name.endswith("o_proj") else w for w in writers]
+
+    monkeypatch.setattr(steering, "find_writers", with_post_norms)
+    r = unit(16, seed=2)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    writes = []
+
+    def record(module, args, output):
+        writes.append((output - args[0]).detach())
+
+    handles = [block.register_forward_hook(record) for block in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+            assert max(float((w @ r).abs().max()) for w in writes) > 1e-2
+            writes.clear()
+            with hl.ablation_hooks(model, r):
+                model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(writes) == 2 and max(float((w @ r).abs().max()) for w in writes) < 1e-5
 
 
 def test_structural_fallback_is_verified_empirically():

@@ -190,3 +190,16 @@ def test_conceptor_steering_changes_and_restores(tiny_llama):
     with cp.conceptor_steering(model, C, resid=2, beta=1.0, positions="response", prompt_length=base.shape[1] - 2):
         part = logits(model, tok)
     assert torch.equal(part[:, :-2], base[:, :-2])
+
+
+def test_last_prompt_conceptor_steering_touches_only_that_position(tiny_llama):
+    """Position masks through ``trace(with_call=True)`` at residual L (the last block's output)."""
+    model, tok = tiny_llama
+    base = logits(model, tok)
+    k = base.shape[1] - 2
+    with cp.conceptor_steering(
+        model, cp.NOT(cp.identity_conceptor(64)), resid=-1, positions="last_prompt", prompt_length=k
+    ):
+        out = logits(model, tok)
+    changed = (out - base).abs().amax(-1).amax(0) > 0  # [seq]
+    assert changed.tolist() == [i == k - 1 for i in range(base.shape[1])]

@@ -7,7 +7,8 @@ from conftest import PROMPTS
 import hereticlab as hl
 from hereticlab.core.architecture import find_layers
 from hereticlab.core.capture import encode
-from hereticlab.core.hooks import Site, StopForward, resolve_site, trace
+from hereticlab.core.generation import generate
+from hereticlab.core.hooks import Call, Site, StopForward, hook_outputs, resolve_site, trace
 from hereticlab.core.testing import tiny_model
 
 FAMILIES = ("llama", "gpt2", "gemma2")
@@ -17,10 +18,14 @@ def batch_for(tok):
     return encode(tok, hl.format_chat(tok, PROMPTS), torch.device("cpu"))
 
 
+OURS = ("_register.<locals>", "hook_outputs.<locals>", "_Offsets.register.<locals>")
+
+
 def no_hooks(model):
-    """No hook of ``trace`` is left (transformers installs output-recording hooks of its own on a first forward)."""
+    """No hook of ``trace`` / ``hook_outputs`` is left (transformers installs output-recording hooks of its own on a
+    first forward)."""
     return not any(
-        "_register.<locals>" in getattr(h, "__qualname__", "")
+        any(name in getattr(h, "__qualname__", "") for name in OURS)
         for m in model.modules()
         for hooks in (m._forward_hooks, m._forward_pre_hooks)
         for h in hooks.values()
@@ -168,3 +173,97 @@ def test_stop_forward_is_public_and_escapes_without_trace(tiny_llama):
             model(**batch_for(tok), use_cache=False)
     finally:
         handle.remove()
+
+
+def _calls_during_generation(model, tok, sites):
+    """``(residual, call.block, call.offset, seq)`` for every write of a 3-token cached generation of two prompts."""
+    seen = []
+
+    def write(site, hidden, call):
+        assert isinstance(call, Call)
+        seen.append((site.index, call.block, call.offset, hidden.shape[1]))
+        return hidden
+
+    with trace(model, write=write, write_at=sites, with_call=True):
+        out = generate(model, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
+    return seen, out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_write_with_call_sees_the_block_call_and_cache_offset(family):
+    """``with_call=True``: each write gets its block's call; ``offset`` = positions already cached (0 at the prefill,
+    then the prefill width, + 1 per step), from the cache and, on releases that hide it, from the attention mask."""
+    model, tok = tiny_model(family)
+    L = len(find_layers(model))
+    width = encode(tok, hl.format_chat(tok, PROMPTS[:2]), torch.device("cpu"))["input_ids"].shape[1]
+    base = generate(model, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
+    from_cache, out = _calls_during_generation(model, tok, [0, 2, -1])
+    assert out == base  # identity writes: the same text
+    expected = [
+        (k, max(k - 1, 0), offset, seq) for offset, seq in ((0, width), (width, 1), (width + 1, 1)) for k in (0, 2, L)
+    ]
+    assert from_cache == expected
+    model._hereticlab_cache_offsets_ok = False  # the attention-mask count
+    try:
+        from_mask, _ = _calls_during_generation(model, tok, [0, 2, -1])
+    finally:
+        del model._hereticlab_cache_offsets_ok
+    assert from_mask == expected
+    assert no_hooks(model)
+
+
+@torch.no_grad()
+def test_write_with_call_gets_the_block_keywords(tiny_llama):
+    model, tok = tiny_llama
+    batch = batch_for(tok)
+    calls = []
+
+    def write(site, hidden, call):
+        calls.append(call)
+        return hidden
+
+    with trace(model, write=write, write_at=[Site.block(1)], with_call=True):
+        model(**batch, use_cache=False)
+    [call] = calls
+    assert call.block == 1 and call.offset == 0
+    assert torch.equal(call.kwargs["position_ids"], batch["position_ids"])
+
+
+@torch.no_grad()
+def test_hook_outputs_writes_records_and_cleans_up(tiny_llama):
+    model, tok = tiny_llama
+    batch = batch_for(tok)
+    base = model(**batch, use_cache=False).logits
+    mlp = find_layers(model)[1].mlp
+    with hook_outputs([(mlp, lambda hidden: hidden.clone())]):  # identity: bit for bit
+        assert torch.equal(model(**batch, use_cache=False).logits, base)
+    recorded = []
+    with hook_outputs([(mlp, recorded.append), (mlp, lambda hidden: hidden * 0)]):
+        zeroed = model(**batch, use_cache=False).logits
+        assert not no_hooks(model)
+    assert not torch.equal(zeroed, base) and len(recorded) == 1
+    blocks = find_layers(model)
+    raw = []
+    with hook_outputs([(blocks[0], raw.append)], raw=True), trace(model, read=[1]) as t:
+        model(**batch, use_cache=False)  # raw: the output object as the block returned it (tensor or tuple)
+    assert len(raw) == 1 and torch.equal(raw[0][0] if isinstance(raw[0], tuple) else raw[0], t.values[1])
+    with pytest.raises(KeyError):
+        with hook_outputs([(mlp, lambda hidden: hidden * 0)]):
+            raise KeyError("x")
+    assert no_hooks(model)
+    assert torch.equal(model(**batch, use_cache=False).logits, base)
+
+
+@torch.no_grad()
+def test_a_trace_without_stop_lets_a_foreign_stop_forward_pass(tiny_llama):
+    """Only a trace with ``stop_after`` swallows ``StopForward``: a write-only trace (steering) must not hide one."""
+    model, tok = tiny_llama
+
+    def stop(hidden):
+        raise StopForward
+
+    with pytest.raises(StopForward):
+        with trace(model, write=lambda site, h: h, write_at=[1]):
+            with hook_outputs([(find_layers(model)[2], stop)]):
+                model(**batch_for(tok), use_cache=False)
+    assert no_hooks(model)

@@ -265,3 +265,81 @@ def test_position_bookkeeping_from_the_attention_mask_equals_the_cache_path(tiny
         del model._hereticlab_cache_offsets_ok
     assert from_cache == from_mask == [0, width, width + 1]
     assert texts_cache == texts_mask
+
+
+def test_gpt2_decoding_sees_the_cache_offset():
+    """GPT-2 hands its blocks the cache positionally; the position masks count it too (they saw 0 at every step
+    before the hooks moved to ``trace(with_call=True)``), so "response" steering reaches decoded tokens."""
+    from hereticlab.core.testing import tiny_model
+
+    model, tok = tiny_model("gpt2", seed=0)
+    width = hl.encode(tok, hl.format_chat(tok, PROMPTS[:2]), torch.device("cpu"))["input_ids"].shape[1]
+    seen, _ = _decode_offsets(model, tok)
+    assert seen == [0, width, width + 1]
+
+
+def _hand_hooked_addition(model, k, v, alpha, *, prompt_length=None):
+    """The 0.1 mechanism as a reference: a pre-hook on block ``k`` adding ``α v`` at absolute positions
+    ``≥ prompt_length`` (without it: to every token fed after the prefill), offset read from the cache."""
+    from hereticlab.core import compat
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        offset = compat.cached_length(compat.cache_in_call(args, kwargs), k)
+        absolute = torch.arange(offset, offset + hidden.shape[1])
+        steered = absolute >= prompt_length if prompt_length is not None else torch.full_like(absolute, offset > 0)
+        new = torch.where(steered.bool()[None, :, None], hidden + alpha * v.to(hidden.dtype), hidden)
+        if args:
+            return (new,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    return hl.find_layers(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_steering_equals_the_hand_registered_block_input_hook(tiny_llama):
+    """The hooks moved from block k's input (a pre-hook) to residual k of ``trace`` (block k−1's output): the model
+    computes bit for bit what it did, with a prompt boundary and in cached decoding."""
+    model, tok = tiny_llama
+    v = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 4
+    k = logits(model, tok).shape[1] - 3
+    handle = _hand_hooked_addition(model, 2, v, 1.5, prompt_length=k)
+    try:
+        reference = logits(model, tok)
+    finally:
+        handle.remove()
+    with st.activation_addition(model, v, resid=2, alpha=1.5, positions="response", prompt_length=k):
+        assert torch.equal(logits(model, tok), reference)
+    handle = _hand_hooked_addition(model, 2, v, 1.5)
+    try:
+        reference_text = generate(model, tok, PROMPTS[:3], max_new_tokens=6, progress=False)
+    finally:
+        handle.remove()
+    with st.activation_addition(model, v, resid=2, alpha=1.5, positions="response"):
+        assert generate(model, tok, PROMPTS[:3], max_new_tokens=6, progress=False) == reference_text
+
+
+def test_reading_vector_is_pca_pairs_on_paired_rows():
+    """RepE has one implementation: ``reading_vector`` is ``pca_pairs(paired=True)`` — the same vectors, means and
+    explained share, exactly — and it is the first PC of the sign-flipped pair differences."""
+    from hereticlab.directions.methods import pca_pairs
+
+    gen = torch.Generator().manual_seed(3)
+    pos = torch.randn(7, 3, 6, generator=gen) + torch.randn(6, generator=gen)
+    neg = torch.randn(7, 3, 6, generator=gen)
+    rv = st.reading_vector(pos, neg, seed=4)
+    pp = pca_pairs(pos, neg, seed=4, paired=True)
+    assert torch.equal(rv.vectors, pp.vectors)
+    assert torch.equal(rv.bad_mean, pp.bad_mean) and torch.equal(rv.good_mean, pp.good_mean)
+    assert rv.meta["explained"] == [r[0] for r in pp.meta["explained_variance_ratio"]]
+    assert rv.method == "reading_vector" and rv.meta["n_pairs"] == 7 and rv.meta["seed"] == 4
+    signs = torch.randint(0, 2, (7,), generator=torch.Generator().manual_seed(4)).double() * 2 - 1
+    diffs = (pos.double() - neg.double()) * signs[:, None, None]
+    for layer in range(3):
+        x = diffs[:, layer] - diffs[:, layer].mean(0)
+        pc = torch.linalg.svd(x, full_matrices=False)[2][0]
+        mean_diff = pos.double()[:, layer].mean(0) - neg.double()[:, layer].mean(0)
+        assert torch.allclose(rv.vectors[layer].double(), pc * (pc @ mean_diff), atol=1e-6)
+    unpaired = pca_pairs(pos, neg, seed=4)  # random bad/good pairing: other pairs, another vector
+    assert not torch.equal(unpaired.vectors, rv.vectors)
+    with pytest.raises(ValueError, match="paired"):
+        pca_pairs(pos, neg[:5], paired=True)

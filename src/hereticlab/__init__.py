@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Any
 
 from . import core, directions, interventions, measure, search
 from .core import (
@@ -243,7 +244,7 @@ _OLD_MODULES = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _MOVED:
         warnings.warn(
             f"hl.{name} moved to {_MOVED[name]}.{name} (hl.{name} goes away in 0.3)", DeprecationWarning, stacklevel=2

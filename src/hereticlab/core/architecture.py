@@ -617,9 +617,10 @@ def _pinning(
     record: dict[tuple[int, str | int], object],
 ) -> Iterator[None]:
     """Hook the pin points of ``blocks``: record their outputs (``pinned is None``) or replace them by ``pinned``."""
+    from .hooks import hook_outputs  # hooks.py builds on this module
 
-    def hook_for(key: tuple[int, str | int]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
+    def hook_for(key: tuple[int, str | int]) -> Callable[[object], object]:
+        def hook(output: object) -> object:
             if pinned is None:
                 record[key] = output
             elif key in pinned:
@@ -628,31 +629,23 @@ def _pinning(
 
         return hook
 
-    handles = []
-    try:
-        for index in blocks:
-            for key, module in points.get(index, {}).items():
-                if not _is_injected(layers[index], key, module, inject):
-                    handles.append(module.register_forward_hook(hook_for((index, key))))
+    targets = [
+        (module, hook_for((index, key)))
+        for index in blocks
+        for key, module in points.get(index, {}).items()
+        if not _is_injected(layers[index], key, module, inject)
+    ]
+    with hook_outputs(targets, raw=True):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
 def _adding(writer: Writer, vector: torch.Tensor) -> Iterator[None]:
     """Add ``vector [d]`` to ``writer``'s output during the forwards in the block."""
+    from .hooks import hook_outputs  # hooks.py builds on this module
 
-    def add(module: nn.Module, args: tuple, output: object) -> object:
-        hidden = block_output_tensor(output)
-        return replace_block_output(output, hidden + vector.to(hidden.dtype))
-
-    handle = writer.module.register_forward_hook(add)
-    try:
+    with hook_outputs([(writer.module, lambda hidden: hidden + vector.to(hidden.dtype))]):
         yield
-    finally:
-        handle.remove()
 
 
 def _writer_residual(writer: Writer) -> int:

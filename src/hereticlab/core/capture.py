@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from .hooks import Site, StopForward, resolve_site, trace
 from .prompts import PromptSet, format_chat
 
 _StopForward = StopForward  # 0.1 name, still imported by interventions/steering.py
+
+T = TypeVar("T")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -81,13 +84,13 @@ def encode(
 
 
 def chat_texts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] | PromptSet, chat: bool = True, **chat_kwargs: object
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] | PromptSet, chat: bool = True, **chat_kwargs: Any
 ) -> list[str]:
     """``prompts`` formatted with the chat template (``chat=True``) or as they are."""
     return format_chat(tokenizer, prompts, **chat_kwargs) if chat else list(prompts)
 
 
-def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of ``items`` of at most ``size``."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -162,7 +165,7 @@ def capture_residuals(
     """
     layers = _normalize_layers(model, layers)
     single = isinstance(positions, int)
-    pos = [positions] if single else list(positions)
+    pos = [positions] if isinstance(positions, int) else list(positions)
     texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)
     batch_size = batch_size or auto_batch_size(model)
     device = model_device(model)
@@ -202,4 +205,4 @@ def capture_mean(
 
     for texts_batch in tqdm(list(batched(texts, batch_size)), desc="capture mean", disable=not progress, leave=False):
         _forward_capture(model, encode(tokenizer, texts_batch, device), layers, [position], accumulate)
-    return total / count
+    return cast(torch.Tensor, total) / count  # None only for an empty prompt list (then a TypeError)

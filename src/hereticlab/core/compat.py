@@ -15,7 +15,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -43,7 +43,7 @@ def warn_fallback(what: str, detail: str) -> None:
 
 
 @functools.cache
-def _cache_keyword_of(cls: type) -> str | None:
+def _cache_keyword_of(cls: type[Any]) -> str | None:
     params = inspect.signature(cls.forward).parameters
     return next((name for name in CACHE_NAMES if name in params), None)
 
@@ -61,7 +61,8 @@ def cache_keyword(model: nn.Module) -> str:
 
     Wrappers whose forward only has ``**kwargs`` (PEFT) get the name this release's own models use.
     """
-    return _cache_keyword_of(type(model)) or _release_cache_keyword()
+    cls: type = type(model)  # (mypy does not see nn.Module classes as hashable keys of functools.cache)
+    return _cache_keyword_of(cls) or _release_cache_keyword()
 
 
 def cache_kwargs(model: nn.Module, cache: Cache | None) -> dict[str, Any]:
@@ -110,7 +111,10 @@ def plain_layer_count(cache: Cache) -> int:
 def layer_keys_values(cache: Cache, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(keys [B, heads, T, d_head], values …)]`` of the first ``count`` layers (all by default)."""
     layers = cache.layers if count is None else cache.layers[:count]
-    return [(layer.keys, layer.values) for layer in layers]
+    # Callers pass count = plain_layer_count(cache): only DynamicLayer entries, whose keys/values are tensors.
+    return [
+        (cast(torch.Tensor, layer.keys), cast(torch.Tensor, layer.values)) for layer in cast(list[DynamicLayer], layers)
+    ]
 
 
 def cache_from_keys_values(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -183,5 +187,5 @@ def check_cache_offsets(model: nn.Module, blocks: Sequence[nn.Module]) -> bool:
             "reading the KV-cache position inside blocks",
             f"block 0 saw offsets {seen}, expected [0, 3]; steering positions now follow the attention mask's length",
         )
-    model._hereticlab_cache_offsets_ok = ok
+    model._hereticlab_cache_offsets_ok = ok  # type: ignore[assignment]  # nn.Module's stub types only tensors/modules
     return ok

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from . import compat
 from .capture import auto_batch_size, batched, chat_texts, encode, model_device
@@ -16,7 +18,7 @@ from .prompts import PromptSet
 
 def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Every EOS id the model's generation config, config and tokenizer name."""
-    ids = set()
+    ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None) if source is not None else None
         if eos is not None:
@@ -34,7 +36,7 @@ def iter_greedy(
     eos_ids: set[int],
     *,
     stop: Callable[[int, list[int]], bool] | None = None,
-    cache: object | None = None,
+    cache: Cache | None = None,
     first_logits: torch.Tensor | None = None,
 ) -> Iterator[dict[int, int]]:
     """The one decode loop, one step at a time: greedy decoding with a KV cache, logits only at the last position,
@@ -73,6 +75,8 @@ def iter_greedy(
             yield step
         if not keep:
             break
+        if cache is None:  # the next step would see one token without its context
+            raise ValueError("iter_greedy: no KV cache to continue from; pass the prefill's cache with first_logits")
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=mask.device)
             compat.keep_rows(cache, index)
@@ -93,7 +97,7 @@ def greedy_decode(
     eos_ids: set[int],
     *,
     stop: Callable[[int, list[int]], bool] | None = None,
-    cache: object | None = None,
+    cache: Cache | None = None,
     first_logits: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a whole batch (``iter_greedy`` run to the end).
@@ -125,10 +129,10 @@ def generate(
     texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)
     device = model_device(model)
     eos = eos_token_ids(model, tokenizer)
-    responses = []
+    responses: list[str] = []
     for chunk in tqdm(
         list(batched(texts, batch_size or auto_batch_size(model))), desc="generate", disable=not progress, leave=False
     ):
         tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)
-        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+        responses.extend(cast(str, tokenizer.decode(t, skip_special_tokens=True)) for t in tokens)  # one row: a str
     return responses

@@ -18,6 +18,14 @@ Hooks. ``trace`` registers forward hooks at residual sites for the duration of a
 
 At each hooked site the order is: ``write`` (replace the stream), then read (record the written value), then stop
 (raise ``StopForward``, which the context manager swallows). Hooks are removed on exit, also on exceptions.
+
+A write that depends on where the tokens are (steering only the response, only the last prompt token) asks for the
+block's call with ``with_call=True``: ``write(site, hidden, call)`` then also gets a ``Call`` — the block's
+positional and keyword arguments (``position_ids``, ``cache_position``, the cache, …) and ``call.offset``, the number
+of positions already cached, i.e. the absolute index of the call's first token.
+
+Writers and other submodules (attention, MLP, a post-norm) are not residual sites; ``hook_outputs`` hooks their
+outputs with the same conventions (a tensor in, a replacement or ``None`` out; removed on exit).
 """
 
 from __future__ import annotations
@@ -25,14 +33,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from . import compat
 from .architecture import block_output_tensor, find_layers, replace_block_output
 
-__all__ = ["Site", "SiteError", "SiteLike", "StopForward", "Trace", "resolve_site", "resolve_sites", "trace"]
+__all__ = [
+    "Call",
+    "Site",
+    "SiteError",
+    "SiteLike",
+    "StopForward",
+    "Trace",
+    "hook_outputs",
+    "resolve_site",
+    "resolve_sites",
+    "trace",
+]
 
 
 class SiteError(ValueError, IndexError):
@@ -135,32 +156,140 @@ def _block_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | None]:
     raise RuntimeError(f"cannot find the hidden state among a block's inputs (keywords: {sorted(kwargs)})")
 
 
-def _register(model: nn.Module, k: int, hook: Callable[[torch.Tensor], torch.Tensor | None]):
-    """Hook residual ``k`` (``k ≥ 0``): ``hook(hidden) -> replacement or None``.
+@dataclass(frozen=True)
+class Call:
+    """The block call a residual write belongs to (``trace(..., with_call=True)`` hands it to ``write``).
+
+    ``block``: the block whose call it is — block 0 for residual 0 (its input), block ``k - 1`` for residual
+    ``k ≥ 1`` (its output). ``args`` / ``kwargs``: that block's arguments as the model passed them (hidden state,
+    ``position_ids``, ``cache_position``, attention mask, the KV cache, …). ``offset``: positions already in the KV
+    cache when the block started, i.e. the absolute index of the call's first token (0 without a cache; the same
+    for every block of one forward).
+    """
+
+    block: int
+    args: tuple
+    kwargs: dict[str, Any]
+    offset: int
+
+
+class _Offsets:
+    """Counts the positions cached before each block call (``Call.offset``).
+
+    Read from the KV cache handed to the block when this transformers release lets a block see it (self-checked once
+    per model by ``compat.check_cache_offsets``, which runs a tiny forward, so this is built before any forward);
+    otherwise from the attention mask handed to the model, whose width is cached + new tokens.
+    """
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        self.model = model
+        self.from_cache = compat.check_cache_offsets(model, blocks)
+        self.current = 0
+
+    def register(self) -> list[RemovableHandle]:
+        """The model-level pre-hook the attention-mask count needs (none when blocks can read the cache)."""
+        if self.from_cache:
+            return []
+
+        def model_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            self.current = 0 if mask is None or ids is None else mask.shape[-1] - ids.shape[-1]
+            if mask is None and compat.cache_in_call((), kwargs) is not None:
+                raise RuntimeError(
+                    "position-dependent hooks with a KV cache need an attention_mask on this transformers release "
+                    f"({compat.TRANSFORMERS_VERSION}); pass one, or install the locked versions"
+                )
+
+        return [self.model.register_forward_pre_hook(model_hook, with_kwargs=True)]
+
+    def __call__(self, block: int, args: tuple, kwargs: dict) -> int:
+        if self.from_cache:
+            return compat.cached_length(compat.cache_in_call(args, kwargs), block)
+        return self.current
+
+
+ResidualHook = Callable[[torch.Tensor, Call | None], torch.Tensor | None]
+
+
+def _register(model: nn.Module, k: int, hook: ResidualHook, offsets: _Offsets | None) -> list[RemovableHandle]:
+    """Hook residual ``k`` (``k ≥ 0``): ``hook(hidden, call) -> replacement or None``.
 
     Residual ``k ≥ 1`` is block ``k - 1``'s output (a forward hook). Residual 0 is block 0's *input* (a forward
     pre-hook), which is what HF's ``hidden_states[0]`` is: the embedding output plus whatever the model adds before
-    the first block (GPT-2's position embeddings, a VLM's image features).
+    the first block (GPT-2's position embeddings, a VLM's image features). ``call`` is ``None`` unless ``offsets``
+    is given; then it is the ``Call`` of the hooked block, its offset read before the block ran (a block appends
+    this call's keys/values to the cache while it runs).
     """
     blocks = find_layers(model)
     if k == 0:
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             hidden, key = _block_input(args, kwargs)
-            new = hook(hidden)
+            call = None if offsets is None else Call(0, args, kwargs, offsets(0, args, kwargs))
+            new = hook(hidden, call)
             if new is None:
                 return None
             if key is None:
                 return (new,) + tuple(args[1:]), kwargs
             return args, {**kwargs, key: new}
 
-        return blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return [blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
+    b = k - 1
+    handles = []
+    latest: list[Call | None] = [None]  # the call of block b now running (blocks are not re-entered)
+    if offsets is not None:
+
+        def call_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            latest[0] = Call(b, args, kwargs, offsets(b, args, kwargs))
+
+        handles.append(blocks[b].register_forward_pre_hook(call_hook, with_kwargs=True))
 
     def post_hook(module: nn.Module, args: tuple, output: object) -> object:
-        new = hook(block_output_tensor(output))
+        call, latest[0] = latest[0], None
+        new = hook(block_output_tensor(output), call)
         return None if new is None else replace_block_output(output, new)
 
-    return blocks[k - 1].register_forward_hook(post_hook)
+    handles.append(blocks[b].register_forward_hook(post_hook))
+    return handles
+
+
+def _remove(handles: Iterable[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+OutputHook = Callable[[Any], Any]
+
+
+@contextmanager
+def hook_outputs(hooks: Iterable[tuple[nn.Module, OutputHook]], *, raw: bool = False) -> Iterator[None]:
+    """Hook the outputs of arbitrary modules (writers, sublayers, post-norms) for the forwards inside the block.
+
+    ``hooks``: ``(module, fn)`` pairs, registered in order (a module may appear more than once; its functions run
+    in that order). ``fn(hidden) -> replacement or None`` gets the module's output tensor (for a tuple / list
+    output: its first item, and a replacement goes back in its place); ``raw=True`` hands ``fn`` the output object
+    itself and uses what it returns as is. ``None`` keeps the output. Hooks are removed on exit, also on exceptions.
+    """
+
+    def wrap(fn: OutputHook) -> Callable[[nn.Module, tuple, object], object]:
+        if raw:
+            return lambda module, args, output: fn(output)
+
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            new = fn(block_output_tensor(output))
+            return None if new is None else replace_block_output(output, new)
+
+        return hook
+
+    handles: list[RemovableHandle] = []
+    try:
+        for module, fn in hooks:
+            handles.append(module.register_forward_hook(wrap(fn)))
+        yield
+    finally:
+        _remove(handles)
 
 
 @dataclass
@@ -172,15 +301,20 @@ class Trace:
     stopped: bool = False
 
 
+WriteFn = Callable[..., torch.Tensor]
+"""``write(site, hidden) -> hidden``, or with ``with_call=True`` ``write(site, hidden, call) -> hidden``."""
+
+
 @contextmanager
 def trace(
     model: nn.Module,
     *,
     read: Iterable[SiteLike] = (),
-    write: Callable[[Site, torch.Tensor], torch.Tensor] | None = None,
+    write: WriteFn | None = None,
     write_at: Iterable[SiteLike] | None = None,
     stop_after: SiteLike | None = None,
     on_read: Callable[[Site, torch.Tensor], None] | None = None,
+    with_call: bool = False,
 ) -> Iterator[Trace]:
     """Hook the residual stream of ``model`` for the forwards run inside the ``with`` block.
 
@@ -188,14 +322,19 @@ def trace(
       ``Trace.values[k]`` — or, when ``on_read`` is given, passed to ``on_read(site, hidden)`` instead of stored.
     - ``write``: ``write(site, hidden[batch, seq, d]) -> hidden`` replaces the stream at each site of ``write_at``
       (default: every residual ``0..L``); the blocks after see the returned tensor.
+    - ``with_call``: call ``write(site, hidden, call)`` with the ``Call`` of the block the site belongs to (its
+      arguments and ``call.offset``, the positions already cached), for writes that depend on token positions
+      (steering the response only, …). Checks once per model, on entry, how a block can see the cache.
     - ``stop_after``: raise ``StopForward`` once this site's stream is computed (after its write and read); the
       exception ends the forward and is swallowed when the ``with`` block exits (``Trace.stopped`` is set), so
-      code after the model call inside the block does not run.
+      code after the model call inside the block does not run. A trace without ``stop_after`` lets a
+      ``StopForward`` raised by someone else pass.
 
     Sites passed as ``Site`` keep their kind in callbacks (a ``Site.block(b)`` is hooked at its output, residual
     ``b + 1``); ints become ``Site.resid``. Hooks are removed on exit, also on exceptions.
     """
-    n = len(find_layers(model))
+    blocks = find_layers(model)
+    n = len(blocks)
     reads = {s.residual: s for s in resolve_sites(model, read)}
     if write is None:
         writes: dict[int, Site] = {}
@@ -204,13 +343,14 @@ def trace(
     else:
         writes = {s.residual: s for s in resolve_sites(model, write_at)}
     stop = _as_site(model, stop_after).residual if stop_after is not None else None
+    offsets = _Offsets(model, blocks) if with_call and writes else None
     result = Trace()
 
-    def make_hook(k: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        def hook(hidden: torch.Tensor) -> torch.Tensor | None:
+    def make_hook(k: int) -> ResidualHook:
+        def hook(hidden: torch.Tensor, call: Call | None) -> torch.Tensor | None:
             replaced = k in writes
             if replaced:
-                hidden = write(writes[k], hidden)
+                hidden = write(writes[k], hidden, call) if with_call else write(writes[k], hidden)
             if k in reads:
                 if on_read is None:
                     result.values[k] = hidden
@@ -222,13 +362,16 @@ def trace(
 
         return hook
 
-    handles = []
+    handles: list[RemovableHandle] = []
     try:
+        if offsets is not None:
+            handles += offsets.register()
         for k in sorted(set(reads) | set(writes) | ({stop} if stop is not None else set())):
-            handles.append(_register(model, k, make_hook(k)))
+            handles += _register(model, k, make_hook(k), offsets if k in writes else None)
         yield result
     except StopForward:
+        if stop is None:
+            raise
         result.stopped = True
     finally:
-        for handle in handles:
-            handle.remove()
+        _remove(handles)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class ModelLoadError(RuntimeError):
@@ -92,12 +91,12 @@ def _packaged_files(spec: PackagedGGUF) -> list[Path]:
                 f"{dist_name} is version {dist.version} but {version} is required; run: {spec.install_hint()}"
             )
         if rel:
-            path = Path(dist.locate_file(rel))
+            path = Path(str(dist.locate_file(rel)))
         else:  # single-file package: take its one .gguf
             ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
             if len(ggufs) != 1:
                 raise ModelLoadError(f"{dist_name} should contain exactly one .gguf file, found {len(ggufs)}")
-            path = Path(dist.locate_file(ggufs[0]))
+            path = Path(str(dist.locate_file(ggufs[0])))
         if not path.is_file():
             raise ModelLoadError(f"{path} from {dist_name} is missing; reinstall it: {spec.install_hint()}")
         files.append(path)
@@ -139,9 +138,8 @@ def packaged_model_folder(name: str = "default", *, progress: bool = True) -> Pa
     folder = cache_dir() / spec.key
     if (folder / "config.json").is_file() and (folder / ".complete").is_file():
         return folder
-    work = Path(
-        tempfile.mkdtemp(prefix="hereticlab-gguf-", dir=cache_dir().mkdir(parents=True, exist_ok=True) or cache_dir())
-    )
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="hereticlab-gguf-", dir=cache_dir()))
     try:
         gguf = assemble_gguf(spec, work / "model.gguf")
         if progress:
@@ -149,7 +147,7 @@ def packaged_model_folder(name: str = "default", *, progress: bool = True) -> Pa
         tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
         # Saved weights are plain float tensors: drop the GGUF quantizer so save_pretrained writes them as such.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         staging = work / "folder"
@@ -203,7 +201,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` offline.
 
     ``name_or_path``: ``"default"`` (the embedded Qwen2.5-Coder-0.5B-Instruct), ``"smollm2"``, a local model
@@ -217,7 +215,7 @@ def load_model(
         model, tokenizer = tiny_model(
             name_or_path.split(":", 1)[1], dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32
         )
-        return model.to(device or "cpu"), tokenizer
+        return model.to(device or "cpu"), tokenizer  # type: ignore[arg-type]  # (see .to below)
     source = resolve_model_source(name_or_path)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
@@ -225,7 +223,7 @@ def load_model(
     dtype = dtype or default_dtype(device)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapper of .to hides its signature
     model.requires_grad_(False)
-    model.hereticlab_source = name_or_path
+    model.hereticlab_source = name_or_path  # type: ignore[assignment]  # a plain attribute
     return model, tokenizer

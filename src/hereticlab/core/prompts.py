@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast, overload
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,9 +38,9 @@ class PromptSet:
     name: str = "prompts"
     system_prompt: str | None = None
     response_prefix: str = ""
-    meta: dict = field(default_factory=dict, compare=False)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
 
     def __len__(self) -> int:
@@ -49,7 +49,13 @@ class PromptSet:
     def __iter__(self) -> Iterator[str]:
         return iter(self.prompts)
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PromptSet: ...
+
+    def __getitem__(self, index: int | slice) -> str | PromptSet:
         if isinstance(index, slice):
             return replace(self, prompts=self.prompts[index])
         return self.prompts[index]
@@ -123,13 +129,13 @@ def _read_lines(path: Path, name: str) -> tuple[str, ...]:
 
 
 def available_sets() -> list[str]:
-    names = set()
+    names: set[str] = set()
     for folder in _bundled_prompt_dirs():
         names.update(p.stem for p in folder.glob("*.txt"))
     return sorted(names)
 
 
-def load_prompts(source: str | Path | Sequence[str], *, name: str | None = None, **chat: object) -> PromptSet:
+def load_prompts(source: str | Path | Sequence[str], *, name: str | None = None, **chat: Any) -> PromptSet:
     """Load a prompt set.
 
     ``source``: a named set shipped with hereticlab (``"harmful"``, ``"harmless"``, see ``available_sets()``),
@@ -188,7 +194,7 @@ def format_chat(
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": prompt}
             ]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         else:
             text = (system_prompt + "\n\n" if system_prompt else "") + prompt + "\n"
         if close_thinking and "<think>" not in text[-40:]:

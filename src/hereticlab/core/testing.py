@@ -6,9 +6,11 @@ tokenizer and a chat template, so every code path runs in seconds without downlo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -34,7 +36,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _common(vocab: int) -> dict:
+def _common(vocab: int) -> dict[str, Any]:
     # Special ids inside the tiny vocabulary: 256 = pad, 257 = <|im_end|> (eos), 258 = <|im_start|>.
     return dict(
         vocab_size=vocab,
@@ -86,12 +88,12 @@ def tiny_config(family: str, vocab: int) -> PretrainedConfig:
     return _arch_config(family, vocab)
 
 
-def _small(vocab: int) -> dict:
+def _small(vocab: int) -> dict[str, Any]:
     """Smaller still (d = 32, 2 blocks) for the architecture-coverage families."""
     return dict(_common(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 
 
-def _arch_config(family: str, vocab: int):
+def _arch_config(family: str, vocab: int) -> PretrainedConfig:
     import transformers as tf
 
     c = _small(vocab)
@@ -108,7 +110,9 @@ def _arch_config(family: str, vocab: int):
             mlp_only_layers=[1],
         )
     if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**c, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+        return tf.Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim: accepted as an extra config attribute
+            **c, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48
+        )
     if family == "gpt_oss":  # fused experts stored transposed (E, inter, d) with per-expert biases
         return tf.GptOssConfig(
             **dict(c, intermediate_size=48),
@@ -161,7 +165,7 @@ def _arch_config(family: str, vocab: int):
             mamba_dt_rank=4,
         )
     if family == "falcon_h1":  # non-unit muP output multipliers, so verify_writers sees "scaled" writers
-        return tf.FalconH1Config(
+        return tf.FalconH1Config(  # type: ignore[call-arg]  # head_dim: as for qwen3_moe
             **c,
             head_dim=8,
             mamba_d_ssm=64,
@@ -177,7 +181,7 @@ def _arch_config(family: str, vocab: int):
         )
     if family in ("llava", "gemma3_vlm"):
         text = dict(c, vocab_size=vocab + 4)
-        special = dict(pad_token_id=256, bos_token_id=258, eos_token_id=257)
+        special: dict[str, Any] = dict(pad_token_id=256, bos_token_id=258, eos_token_id=257)
         if family == "llava":
             vision = tf.CLIPVisionConfig(
                 hidden_size=16,
@@ -188,15 +192,19 @@ def _arch_config(family: str, vocab: int):
                 patch_size=4,
             )
             return tf.LlavaConfig(
-                vision_config=vision, text_config=tf.LlamaConfig(**text), image_token_id=vocab, **special
+                # image_token_id: the config's attribute_map alias of image_token_index
+                vision_config=vision,
+                text_config=tf.LlamaConfig(**text),
+                image_token_id=vocab,  # type: ignore[call-arg]
+                **special,
             )
-        vision = tf.SiglipVisionConfig(
+        siglip = tf.SiglipVisionConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
         )
         text_config = tf.Gemma3TextConfig(**text, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
         return tf.Gemma3Config(
             text_config=text_config,
-            vision_config=vision,
+            vision_config=siglip,
             mm_tokens_per_image=4,
             image_token_index=vocab,
             boi_token_index=vocab + 1,
@@ -231,7 +239,7 @@ def randomize_norms(model: nn.Module, scale: float = 0.3, seed: int = 0) -> None
 
 def tiny_model(
     family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, random_norms: bool = False
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: a random ``family`` model small enough for unit tests (see ``ALL_FAMILIES``).
 
     ``random_norms``: perturb norm gains away from 1 (``randomize_norms``), closer to trained checkpoints.

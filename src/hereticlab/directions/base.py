@@ -7,10 +7,13 @@ refused): ``r = mean(bad) − mean(good)``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
+from torch import nn
 
 
 def normalize(v: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
@@ -27,6 +30,21 @@ def orthonormal_basis(vectors: torch.Tensor) -> torch.Tensor:
     return (q * signs).to(vectors.dtype if vectors.dtype.is_floating_point else torch.float32)
 
 
+class Reversible(Protocol):
+    """The shape of what ``Directions.ablate`` / ``.steer`` return: an ``interventions.Intervention`` (that layer is
+    above this one, so its class is named here by its methods; mypy checks that the returned objects fit)."""
+
+    active: bool
+
+    def apply(self) -> Reversible: ...
+
+    def revert(self) -> None: ...
+
+    def __enter__(self) -> Reversible: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 @dataclass
 class Directions:
     """Per-residual-index behaviour directions.
@@ -39,7 +57,7 @@ class Directions:
     method: str = "mean_difference"
     good_mean: torch.Tensor | None = None
     bad_mean: torch.Tensor | None = None
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_residuals(self) -> int:
@@ -94,7 +112,15 @@ class Directions:
         vec = self.at(index)
         return orthonormal_basis(vec)
 
-    def ablate(self, model, strength=1.0, *, at: float | None = None, hooks: bool = False, **kwargs):
+    def ablate(
+        self,
+        model: nn.Module,
+        strength: float | torch.Tensor | Mapping[str, float | torch.Tensor] = 1.0,
+        *,
+        at: float | None = None,
+        hooks: bool = False,
+        **kwargs: Any,
+    ) -> Reversible:
         """A lazy ablation of these directions from ``model`` (an ``Intervention``: applied on ``with`` / ``.apply()``).
 
         ``at``: ablate the one direction ``self.at(at)`` everywhere (default: each residual its own direction).
@@ -108,10 +134,18 @@ class Directions:
 
         direction = self if at is None else self.at(at)
         if hooks:
-            return ablation_hooks(model, direction, strength=strength, **kwargs)
+            return ablation_hooks(model, direction, strength=cast(float, strength), **kwargs)  # hooks: a float
         return WeightAblation(model, direction, strength, **kwargs)
 
-    def steer(self, model, *, resid=None, block=None, alpha: float = 1.0, **kwargs):
+    def steer(
+        self,
+        model: nn.Module,
+        *,
+        resid: int | Sequence[int] | None = None,
+        block: int | Sequence[int] | None = None,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ) -> Reversible:
         """A lazy activation addition ``h ← h + α r_k`` at ``resid=k`` (or ``block=b``'s output, ``k = b + 1``).
 
         Same as ``interventions.activation_addition(model, self, resid=, block=, alpha=, **kwargs)`` (``positions=``,
@@ -121,7 +155,7 @@ class Directions:
 
         return activation_addition(model, self, resid=resid, block=block, alpha=alpha, **kwargs)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "rank": self.rank, "n_residuals": self.n_residuals, **self.meta}
 
     def save(self, path: str | Path) -> Path:
@@ -153,11 +187,11 @@ class Directions:
             meta=json.loads(header.get("meta", "{}")),
         )
 
-    def with_vectors(self, vectors: torch.Tensor, method: str, **meta) -> Directions:
+    def with_vectors(self, vectors: torch.Tensor, method: str, **meta: Any) -> Directions:
         return replace(self, vectors=vectors, method=method, meta={**self.meta, **meta})
 
 
-def _check_pair(bad: torch.Tensor, good: torch.Tensor):
+def _check_pair(bad: torch.Tensor, good: torch.Tensor) -> None:
     if bad.ndim != 3 or good.ndim != 3:
         raise ValueError(f"expected residuals [prompt, layer, d]; got {tuple(bad.shape)} and {tuple(good.shape)}")
     if bad.shape[1:] != good.shape[1:]:

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .base import Directions, _check_pair, mean_difference, normalize, orthonormal_basis
+
+if TYPE_CHECKING:  # scikit-learn is imported only when a probe is fitted
+    from sklearn.pipeline import Pipeline
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure math
@@ -131,13 +135,13 @@ def _rank_one_only(name: str, rank: int):
         )
 
 
-def mean_difference_method(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw) -> Directions:
+def mean_difference_method(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw: bool) -> Directions:
     """``r = mean(bad) − mean(good)`` (Arditi et al.). Rank 1 only."""
     _rank_one_only("mean_difference", rank)
     return mean_difference(bad, good, **kw)
 
 
-def projected_method(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw) -> Directions:
+def projected_method(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw: object) -> Directions:
     """Mean difference with the component along the good mean removed (Jim Lai). Rank 1 only."""
     _rank_one_only("projected", rank)
     return mean_difference(bad, good, project=True)
@@ -192,18 +196,29 @@ def svd_subspace(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1) -> Dir
     )
 
 
-def pca_pairs(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, seed: int = 0) -> Directions:
+def pca_pairs(
+    bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, seed: int = 0, paired: bool = False
+) -> Directions:
     """RepE reading vectors: centered PCA of pair differences ``±(bad_i − good_π(i))`` with random signs.
 
     Randomizing the order of each pair keeps the class axis as the top principal component (without it, centering
-    removes the mean difference). Pairs: ``min(n_bad, n_good)`` random bad/good pairs. Axes oriented towards the mean
-    difference; ``meta['explained_variance_ratio']`` per layer.
+    removes the mean difference). Pairs: ``min(n_bad, n_good)`` random bad/good pairs, or with ``paired=True`` row
+    ``i`` of ``bad`` with row ``i`` of ``good`` (stimuli recorded in pairs; equal row counts needed). Axes oriented
+    towards the mean difference; rank 1 is scaled by the mean difference's projection on it (comparable with
+    ``mean_difference``). ``meta['explained_variance_ratio']`` per layer. ``interventions.steering.reading_vector``
+    is this with ``paired=True``.
     """
     _check_pair(bad, good)
     gen = torch.Generator().manual_seed(seed)
-    n = min(bad.shape[0], good.shape[0])
-    bi = torch.randperm(bad.shape[0], generator=gen)[:n]
-    gi = torch.randperm(good.shape[0], generator=gen)[:n]
+    if paired:
+        if bad.shape[0] != good.shape[0]:
+            raise ValueError(f"paired=True needs as many bad as good rows; got {bad.shape[0]} and {good.shape[0]}")
+        n = bad.shape[0]
+        bi = gi = torch.arange(n)
+    else:
+        n = min(bad.shape[0], good.shape[0])
+        bi = torch.randperm(bad.shape[0], generator=gen)[:n]
+        gi = torch.randperm(good.shape[0], generator=gen)[:n]
     signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
     diffs = (bad.double()[bi] - good.double()[gi]) * signs[:, None, None]  # [n, L, d]
     bad_mean, good_mean = bad.double().mean(0), good.double().mean(0)
@@ -226,7 +241,7 @@ def pca_pairs(bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, seed: int
     )
 
 
-def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, *, C: float = 1.0):
+def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, *, C: float = 1.0) -> Pipeline:
     """The one linear-probe fit (standardize, then logistic regression) on ``x_train [n, d]``, labels ``[n]``.
 
     Returns the fitted scikit-learn pipeline (``.score(x, y)``); ``probe_weight(pipeline)`` gives its weight vector
@@ -239,7 +254,7 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, *, C: float = 1.0
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(x_train, y_train)
 
 
-def probe_weight(probe) -> np.ndarray:
+def probe_weight(probe: Pipeline) -> np.ndarray:
     """The weight vector of a ``fit_linear_probe`` pipeline mapped back to residual coordinates (``w / σ``)."""
     scaler, clf = probe[0], probe[-1]
     return clf.coef_[0] / np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
@@ -417,7 +432,9 @@ DIRECTION_METHODS: dict[str, DirectionMethod] = {
 }
 
 
-def compute_directions(method: str, bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw) -> Directions:
+def compute_directions(
+    method: str, bad: torch.Tensor, good: torch.Tensor, *, rank: int = 1, **kw: object
+) -> Directions:
     """``DIRECTION_METHODS[method](bad, good, rank=rank, **kw)`` with a helpful error for unknown names."""
     if method not in DIRECTION_METHODS:
         raise KeyError(f"unknown direction method {method!r}; choose from {', '.join(DIRECTION_METHODS)}")

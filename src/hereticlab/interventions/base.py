@@ -16,12 +16,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
+from typing import Any, TypeVar
 
 from torch import nn
 
 from ..core.hooks import resolve_site
 
 __all__ = ["HookIntervention", "Intervention", "resolve_residuals"]
+
+_Self = TypeVar("_Self", bound="Intervention")  # apply() / with give back the subclass itself
 
 
 class Intervention:
@@ -37,7 +40,7 @@ class Intervention:
     def _revert(self) -> None:
         raise NotImplementedError
 
-    def apply(self) -> Intervention:
+    def apply(self: _Self) -> _Self:
         """Apply now (no-op if already applied). Returns ``self``."""
         if not self.active:
             self._apply()
@@ -50,13 +53,13 @@ class Intervention:
             self._revert()
             self.active = False
 
-    def __enter__(self) -> Intervention:
+    def __enter__(self: _Self) -> _Self:
         if self._depth == 0:
             self.apply()
         self._depth += 1
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self.revert()
@@ -68,7 +71,7 @@ class Intervention:
 class HookIntervention(Intervention):
     """An intervention made of forward hooks: ``factory()`` returns a context manager that installs them."""
 
-    def __init__(self, factory: Callable[[], AbstractContextManager]) -> None:
+    def __init__(self, factory: Callable[[], AbstractContextManager[Any]]) -> None:
         super().__init__()
         self._factory = factory
         self._stack: ExitStack | None = None
@@ -99,11 +102,12 @@ def resolve_residuals(
         if value is None:
             continue
         for index in [value] if isinstance(value, int) else list(value):
-            out.add(resolve_site(model, **{kind: index}).residual)
+            site = resolve_site(model, resid=index) if kind == "resid" else resolve_site(model, block=index)
+            out.add(site.residual)
     return sorted(out)
 
 
-def warn_layer_keyword(function: str, old: str, value, new: str) -> None:
+def warn_layer_keyword(function: str, old: str, value: object, new: str) -> None:
     """The DeprecationWarning for 0.1's ``layer=`` / ``layers=`` keywords, naming the site they mean."""
     warnings.warn(
         f"{function}({old}={value!r}) is deprecated; it means {new}. Use that keyword instead "

@@ -93,7 +93,7 @@ def identity_conceptor(d: int) -> Conceptor:
     return Conceptor(torch.eye(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64), float("inf"))
 
 
-def from_matrix(matrix: torch.Tensor, **kwargs) -> Conceptor:
+def from_matrix(matrix: torch.Tensor, **kwargs: object) -> Conceptor:
     """Eigen form of a symmetric ``[d, d]`` matrix (symmetrized first)."""
     m = matrix.double()
     s, U = torch.linalg.eigh((m + m.T) / 2)
@@ -218,11 +218,19 @@ class ConceptorSteering(HookIntervention):
     """Lazy conceptor steering (see ``conceptor_steering``): ``h ← β C_k h`` at residual ``k`` for each ``k`` of
     ``table``."""
 
-    def __init__(self, model, table: dict[int, Conceptor], *, beta=1.0, positions="all", prompt_length=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        table: dict[int, Conceptor],
+        *,
+        beta: float = 1.0,
+        positions: Positions = "all",
+        prompt_length: int | Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
         self.model, self.table, self.beta = model, dict(table), beta
         self.positions, self.prompt_length = positions, prompt_length
 
-        def transform(index, hidden):
+        def transform(index: int, hidden: torch.Tensor) -> torch.Tensor:
             return self.table[index].apply(hidden, beta)
 
         super().__init__(
@@ -240,7 +248,7 @@ def conceptor_steering(
     block: int | Sequence[int] | None = None,
     beta: float = 1.0,
     positions: Positions = "all",
-    prompt_length=None,
+    prompt_length: int | Sequence[int] | torch.Tensor | None = None,
     layer: int | Sequence[int] | None = None,
 ) -> ConceptorSteering:
     """``h ← β C h`` at site(s) ``resid=`` / ``block=`` (``block=b`` is block ``b``'s output, ``resid=b + 1``).

@@ -7,8 +7,10 @@ and back. ``Q [d, k]`` has orthonormal columns.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -164,7 +166,7 @@ def plan_ablation(
         else:
             index = writer.layer + 1
             if index not in bases:
-                bases[index] = direction.basis(index)
+                bases[index] = cast(Directions, direction).basis(index)  # shared is None: a Directions
             q = bases[index]
         if writer.post_norm is not None:
             key = (id(writer.post_norm), id(q))
@@ -183,7 +185,7 @@ def plan_ablation(
 class WeightBackup:
     """Original copies of parameters, taken once and reused across many edits (the search's hot loop)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def save(self, param: torch.Tensor) -> torch.Tensor:
@@ -213,7 +215,7 @@ class EditHandle(Intervention):
     ``make_permanent()`` forgets the originals (the edit stays; ``revert`` is then impossible).
     """
 
-    def __init__(self, model: nn.Module, edits: list[WriterEdit], backup: WeightBackup, own_backup: bool):
+    def __init__(self, model: nn.Module, edits: list[WriterEdit], backup: WeightBackup, own_backup: bool) -> None:
         super().__init__()
         self.model = model
         self.edits = edits
@@ -222,7 +224,7 @@ class EditHandle(Intervention):
         self._params: list[torch.Tensor] = []
         self.active = False
 
-    def _apply(self) -> EditHandle:
+    def _apply(self) -> None:
         touched: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for edit in self.edits:
@@ -237,10 +239,18 @@ class EditHandle(Intervention):
             for edit in self.edits:
                 w, b = edit.writer.weight, edit.writer.bias_tensor
                 steps.setdefault(id(w), []).append(
-                    lambda x, e=edit: edit_weight(x, e.writer.residual_axis, e.basis, e.strength, e.norm)
+                    functools.partial(
+                        edit_weight,
+                        residual_axis=edit.writer.residual_axis,
+                        Q=edit.basis,
+                        strength=edit.strength,
+                        norm=edit.norm,
+                    )
                 )
                 if b is not None:
-                    steps.setdefault(id(b), []).append(lambda x, e=edit: project_vector(x, e.basis, e.strength))
+                    steps.setdefault(id(b), []).append(
+                        functools.partial(project_vector, Q=edit.basis, strength=edit.strength)
+                    )
             for key, chain in steps.items():
                 value = self._backup.original(touched[key])
                 for step in chain:
@@ -249,7 +259,6 @@ class EditHandle(Intervention):
                 del value
         self._params = list(touched.values())
         self.active = True
-        return self
 
     def _revert(self) -> None:
         self._backup.restore(self._params)
@@ -286,7 +295,7 @@ class WeightAblation(EditHandle):
         components: Sequence[str] = ("attn", "mlp"),
         norm: str = "none",
         backup: WeightBackup | None = None,
-    ):
+    ) -> None:
         edits = plan_ablation(model, direction, strength, components=components, norm=norm)
         super().__init__(model, edits, backup or WeightBackup(), own_backup=backup is None)
 

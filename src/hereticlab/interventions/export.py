@@ -5,11 +5,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..core.architecture import Writer
 from .edits import WeightBackup, WriterEdit, apply_edits, edit_weight
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class ExportError(ValueError):
@@ -29,7 +35,12 @@ def weight_hashes(folder: str | Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(folder).glob("*.safetensors"))}
 
 
-def save_merged(model: nn.Module, tokenizer, edits: Sequence[WriterEdit], folder: str | Path) -> dict[str, str]:
+def save_merged(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    edits: Sequence[WriterEdit],
+    folder: str | Path,
+) -> dict[str, str]:
     """Save the edited model as a plain ``transformers`` folder (safetensors); the in-memory model is left unedited.
 
     Returns the SHA-256 of each written weight file.
@@ -51,7 +62,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     raise ExportError("a writer module is not part of the model")
 
 
-def _check_lora_writer(writer) -> None:
+def _check_lora_writer(writer: Writer) -> None:
     """Raise ``ExportError`` unless a LoRA adapter on ``writer`` can carry its edit.
 
     That needs an ``nn.Linear`` weight and no bias."""
@@ -83,14 +94,14 @@ def lora_factors(
     for module_edits in per_module.values():
         module = module_edits[0].writer.module
         name = _module_name(model, module)
-        W = module.weight.detach()
+        W = module_edits[0].writer.weight.detach()  # module.weight (_check_lora_writer)
         if len(module_edits) == 1 and module_edits[0].norm == "none":
             e = module_edits[0]
             q = e.basis.to(device=W.device, dtype=torch.float32)
             B = -e.strength * q
             A = q.T @ W.float()
         else:
-            edited = backup.save(module.weight).float()
+            edited = backup.save(module_edits[0].writer.weight).float()
             for e in module_edits:
                 edited = edit_weight(edited, 0, e.basis, e.strength, e.norm)
             delta = edited - W.float()
@@ -107,7 +118,9 @@ def lora_factors(
     return factors
 
 
-def lora_template(model: nn.Module, writers: Sequence, rank: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_template(
+    model: nn.Module, writers: Sequence[Writer], rank: int = 1
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Zero factors of rank ``rank`` for every writer in ``writers`` (``architecture.Writer``; Linear, no bias).
 
     ``attach_lora(model, lora_template(model, find_writers(model, components)))`` puts an adapter (doing nothing
@@ -116,14 +129,14 @@ def lora_template(model: nn.Module, writers: Sequence, rank: int = 1) -> dict[st
     factors = {}
     for writer in writers:
         _check_lora_writer(writer)
-        W = writer.module.weight
+        W = writer.weight  # module.weight (_check_lora_writer)
         factors[_module_name(model, writer.module)] = (W.new_zeros(rank, W.shape[1]), W.new_zeros(W.shape[0], rank))
     if not factors:
         raise ExportError("no writers given: a LoRA adapter needs at least one target module")
     return factors
 
 
-def attach_lora(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+def attach_lora(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> PeftModel:
     """Wrap ``model`` with PEFT LoRA layers carrying ``factors`` (scaling 1). Returns the ``PeftModel``.
 
     ``peft_model.unload()`` gives the original modules back.
@@ -143,14 +156,14 @@ def attach_lora(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.T
     return peft_model
 
 
-def set_lora_factors(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def set_lora_factors(peft_model: PeftModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Load new factors into an attached adapter (zero-padded to the adapter's rank).
 
     Every adapter module that ``factors`` does not name is zeroed (it applies no edit). A factor whose name matches
     no adapter module, or whose shape does not fit its adapter, raises ``ExportError`` (a ``ValueError``) before
     anything is written: dropping it would silently apply an incomplete edit.
     """
-    modules = dict(peft_model.base_model.model.named_modules())
+    modules = dict(cast(nn.Module, peft_model.base_model.model).named_modules())
     adapters = {
         name: module
         for name, module in modules.items()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -19,7 +21,7 @@ def tent_kernel(
     return torch.where(dist <= reach, weights, torch.zeros_like(weights)).float()
 
 
-def constant_kernel(n_layers: int, weight: float = 1.0, layers=None) -> torch.Tensor:
+def constant_kernel(n_layers: int, weight: float = 1.0, layers: Iterable[int] | None = None) -> torch.Tensor:
     """``weight`` on ``layers`` (default: every block), zero elsewhere."""
     out = torch.zeros(n_layers)
     index = slice(None) if layers is None else torch.as_tensor(list(layers), dtype=torch.long)

@@ -12,13 +12,19 @@ so. Only that error path is tested here (no GPU in CI).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.models import ModelLoadError, load_model, prepare_tokenizer, resolve_model_source
+from .edits import WriterEdit
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 NEEDS = "4-bit loading needs CUDA and bitsandbytes (pip install bitsandbytes)"
 
@@ -39,7 +45,7 @@ def load_quantized(
     compute_dtype: torch.dtype = torch.bfloat16,
     quant_type: str = "nf4",
     trust_remote_code: bool = False,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` with linear layers in 4 bit (``load_model(..., load_in_4bit=True)`` semantics)."""
     check_4bit_support()
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -51,7 +57,7 @@ def load_quantized(
         source, quantization_config=config, device_map={"": 0}, trust_remote_code=trust_remote_code
     )
     model.eval().requires_grad_(False)
-    model.hereticlab_source = name_or_path
+    model.hereticlab_source = name_or_path  # type: ignore[assignment]  # a plain attribute
     return model, tokenizer
 
 
@@ -66,7 +72,9 @@ def dequantized(module: nn.Module, param: str = "weight") -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.data, state).float()
 
 
-def lora_ablation(model: nn.Module, edits: Sequence, *, adapter_name: str = "hereticlab"):
+def lora_ablation(
+    model: PreTrainedModel, edits: Sequence[WriterEdit], *, adapter_name: str = "hereticlab"
+) -> PeftModel:
     """Install ``edits`` (``edits.plan_ablation`` output, ``norm="none"``) as an exact rank-k LoRA adapter.
 
     Linear writers only (4-bit quantizes ``nn.Linear``); fused expert tensors and embeddings stay in full
@@ -90,7 +98,7 @@ def lora_ablation(model: nn.Module, edits: Sequence, *, adapter_name: str = "her
     rank = max(ranks)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, lora_dropout=0.0, bias="none")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    modules = dict(peft_model.base_model.model.named_modules())
+    modules = dict(cast(nn.Module, peft_model.base_model.model).named_modules())
     with torch.no_grad():
         for edit in edits:
             layer = modules[edit.writer.name]
@@ -106,7 +114,13 @@ def lora_ablation(model: nn.Module, edits: Sequence, *, adapter_name: str = "her
     return peft_model
 
 
-def export_merged(name_or_path: str, plan_fn, destination: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_merged(
+    name_or_path: str,
+    plan_fn: Callable[[PreTrainedModel], list[WriterEdit]],
+    destination: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Reload ``name_or_path`` in full precision, apply ``plan_fn(model)`` (→ a list of edits) and save it.
 
     Merging a LoRA into 4-bit weights would re-quantize the edit away; the full-precision reload is exact.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
@@ -17,22 +17,15 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from ..core import compat
-from ..core.architecture import block_output_tensor, find_layers, find_writers, replace_block_output
-from ..core.capture import (
-    _normalize_layers,
-    _StopForward,
-    auto_batch_size,
-    batched,
-    capture_residuals,
-    model_device,
-    residual_hooks,
-)
+from ..core.architecture import UnsupportedModelError, Writer, find_layers, find_writers, post_norm_basis
+from ..core.capture import auto_batch_size, batched, capture_residuals, encode_ids, model_device
 from ..core.generation import generate
-from ..core.hooks import resolve_site
+from ..core.hooks import Call, OutputHook, Site, hook_outputs, resolve_site, resolve_sites, trace
 from ..core.prompts import format_chat
 from ..directions.base import Directions, mean_difference, orthonormal_basis
+from ..directions.methods import pca_pairs
 from .base import HookIntervention, resolve_residuals, warn_layer_keyword
 
 
@@ -47,12 +40,22 @@ class AblationHooks(HookIntervention):
     """Lazy inference-time directional ablation (see ``ablation_hooks``); ``residuals``: the residual indices whose
     writers are hooked (``None``: all)."""
 
-    def __init__(self, model, direction, *, residuals=None, strength=1.0, include_embedding=True):
+    def __init__(
+        self,
+        model: nn.Module,
+        direction: torch.Tensor | Directions,
+        *,
+        residuals: Sequence[int] | None = None,
+        strength: float = 1.0,
+        include_embedding: bool = True,
+    ) -> None:
         self.model, self.direction, self.residuals, self.strength = model, direction, residuals, strength
         self.include_embedding = include_embedding
         super().__init__(
-            lambda: _ablation_hooks(
-                model, direction, residuals=residuals, strength=strength, include_embedding=include_embedding
+            lambda: hook_outputs(
+                _ablation_targets(
+                    model, direction, residuals=residuals, strength=strength, include_embedding=include_embedding
+                )
             )
         )
 
@@ -71,7 +74,10 @@ def ablation_hooks(
 
     Implemented on the writers' outputs (embedding, attention, MLP, SSM, experts' parent module), which keeps
     the stream orthogonal to the direction everywhere it is read — the same as weight orthogonalization of all
-    writers (exactly so for models without norms after a writer). Sites (default: every writer): ``resid=k``
+    writers (``hl.ablate``). A writer followed by a post-norm (Gemma 2/3 sandwich norms) is projected against the
+    norm-corrected basis ``post_norm_basis`` as ``plan_ablation`` does, so what reaches the stream has no component
+    along the direction and the hooks still equal ``hl.ablate``; a post-norm that admits no exact correction (bias,
+    mean subtraction) is projected at its own output instead. Sites (default: every writer): ``resid=k``
     hooks the writers of residual ``k`` (``0``: the embedding; ``k ≥ 1``: block ``k - 1``), ``block=b`` hooks block
     ``b``'s writers (= ``resid=b + 1``). ``strength``: fraction of the projection removed (ablation kernel, not a
     steering ``alpha``). ``direction``: ``[d]`` / ``[k, d]`` shared by all layers, or ``Directions`` (residual ``k``
@@ -93,55 +99,71 @@ def ablation_hooks(
     return AblationHooks(model, direction, residuals=residuals, strength=strength, include_embedding=include_embedding)
 
 
-@contextmanager
-def _ablation_hooks(model, direction, *, residuals, strength, include_embedding):
+def _ablation_targets(
+    model: nn.Module,
+    direction: torch.Tensor | Directions,
+    *,
+    residuals: Sequence[int] | None,
+    strength: float,
+    include_embedding: bool,
+) -> list[tuple[nn.Module, OutputHook]]:
+    """The ``(module, fn)`` pairs for ``hook_outputs`` that ablate ``direction`` from the writers of ``residuals``."""
     n = len(find_layers(model))
     chosen = set(range(n + 1) if residuals is None else residuals)  # residual indices
     shared = None if isinstance(direction, Directions) else orthonormal_basis(direction.float())
+    bases: dict[int, torch.Tensor] = {}
 
     def basis_for(index: int) -> torch.Tensor:
-        return shared if shared is not None else direction.basis(index)
+        if shared is not None:
+            return shared
+        if index not in bases:
+            bases[index] = direction.basis(index)
+        return bases[index]
 
-    handles = []
+    def project(q: torch.Tensor) -> OutputHook:
+        return lambda hidden: _remove_projection(hidden, q, strength)
 
-    def make_hook(q):
-        def hook(module, args, output):
-            hidden = block_output_tensor(output)
-            return replace_block_output(output, _remove_projection(hidden, q, strength))
+    targets: list[tuple[nn.Module, OutputHook]] = []
+    hooked: set[int] = set()
+    corrected: dict[tuple[int, int], torch.Tensor | None] = {}  # None: no exact correction for that post-norm
 
-        return hook
+    def add(writer: Writer, module: nn.Module, q: torch.Tensor) -> None:
+        """Hook ``module`` (the writer, or the sublayer holding it) so that what reaches the stream loses ``q``."""
+        if writer.post_norm is not None:  # sandwich norm: the writer's output is normed before the residual add
+            key = (id(writer.post_norm), id(q))
+            if key not in corrected:
+                try:
+                    corrected[key] = post_norm_basis(writer, q)
+                except UnsupportedModelError:
+                    corrected[key] = None
+            if corrected[key] is None:  # no exact writer-side correction (bias, centring): project the norm's output
+                module = writer.post_norm
+            else:
+                q = corrected[key]
+        if id(module) in hooked:
+            return
+        hooked.add(id(module))
+        targets.append((module, project(q)))
 
-    try:
-        writers = find_writers(model, ("embed", "attn", "mlp", "ssm"))
-        hooked: set[int] = set()
-        for writer in writers:
-            if writer.component == "embed":
-                if include_embedding and 0 in chosen:
-                    handles.append(writer.module.register_forward_hook(make_hook(basis_for(0))))
-                continue
-            if writer.layer + 1 not in chosen or id(writer.module) in hooked:
-                continue
-            hooked.add(id(writer.module))
-            handles.append(writer.module.register_forward_hook(make_hook(basis_for(writer.layer + 1))))
-        # MoE blocks: hook the output of the block's sublayer that holds the experts (routed experts, their
-        # biases and any gated shared expert all sum there), found from the expert writers whatever it is named.
-        blocks = find_layers(model)
-        for writer in find_writers(model, ("expert",)):
-            if writer.layer + 1 not in chosen:
-                continue
-            block = blocks[writer.layer]
-            name = next(
-                (n for n, child in block.named_children() if any(m is writer.module for m in child.modules())), None
-            )
-            module = getattr(block, name) if name is not None else writer.module
-            if id(module) in hooked:
-                continue
-            hooked.add(id(module))
-            handles.append(module.register_forward_hook(make_hook(basis_for(writer.layer + 1))))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    for writer in find_writers(model, ("embed", "attn", "mlp", "ssm")):
+        if writer.component == "embed":
+            if include_embedding and 0 in chosen:
+                targets.append((writer.module, project(basis_for(0))))
+            continue
+        if writer.layer + 1 in chosen:
+            add(writer, writer.module, basis_for(writer.layer + 1))
+    # MoE blocks: hook the output of the block's sublayer that holds the experts (routed experts, their biases and
+    # any gated shared expert all sum there), found from the expert writers whatever it is named.
+    blocks = find_layers(model)
+    for writer in find_writers(model, ("expert",)):
+        if writer.layer + 1 not in chosen:
+            continue
+        block = blocks[writer.layer]
+        name = next(
+            (n for n, child in block.named_children() if any(m is writer.module for m in child.modules())), None
+        )
+        add(writer, getattr(block, name) if name is not None else writer.module, basis_for(writer.layer + 1))
+    return targets
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,13 +171,6 @@ def _ablation_hooks(model, direction, *, residuals, strength, include_embedding)
 # ----------------------------------------------------------------------------------------------------------
 
 Positions = str | slice | Callable[[int, int, torch.device], torch.Tensor]
-
-
-def _cache_offset(kwargs: dict, block_index: int) -> int:
-    """Tokens already in the KV cache for this block (0 without a cache).
-
-    That is the absolute index of this call's first token."""
-    return compat.cached_length(compat.cache_in_call((), kwargs), block_index)
 
 
 def position_mask(
@@ -228,7 +243,7 @@ def residual_input_hooks(
     *,
     positions: Positions = "all",
     prompt_length: int | Sequence[int] | torch.Tensor | None = None,
-):
+) -> Iterator[None]:
     """Replace the residual stream at residual index(es) ``layers`` by ``transform(index, hidden)``.
 
     ``hidden [batch, seq, d]`` is residual index ``index`` (the stream after ``index`` blocks, ``0..L``): the input of
@@ -237,75 +252,26 @@ def residual_input_hooks(
     (the 0.1 rule: ``-1`` is block ``L - 1``'s input); the public interventions resolve ``resid=`` / ``block=``
     sites with ``core.hooks.resolve_site`` and pass non-negative indices. Hooks are removed on exit, also on
     exceptions.
+
+    A thin form of ``core.hooks.trace`` (``write_at`` these residuals). A position mask needs the absolute index of
+    each call's first token: ``trace(..., with_call=True)`` hands it over as ``Call.offset``.
     """
-    blocks = find_layers(model)
+    n = len(find_layers(model))
     targets = [layers] if isinstance(layers, int) else list(layers)
-    targets = [t + len(blocks) if t < 0 else t for t in targets]
-    handles = []
-    # Position masks need the absolute index of each call's first token. Read from the KV cache when this
-    # transformers release lets a block see it (self-checked once per model); else from the attention mask
-    # handed to the model, whose width is cached + new tokens.
-    from_cache = positions == "all" or compat.check_cache_offsets(model, blocks)
-    call = {"offset": 0}
+    targets = [t + n if t < 0 else t for t in targets]
 
-    def model_hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        call["offset"] = 0 if mask is None or ids is None else mask.shape[-1] - ids.shape[-1]
-        if mask is None and compat.cache_in_call((), kwargs) is not None:
-            raise RuntimeError(
-                "position-dependent steering with a KV cache needs an attention_mask on this "
-                f"transformers release ({compat.TRANSFORMERS_VERSION}); pass one, or install the locked versions"
-            )
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            batch, seq = hidden.shape[:2]
-            offset = _cache_offset(kwargs, index) if from_cache else call["offset"]
-            mask = position_mask(
-                positions, batch=batch, seq=seq, offset=offset, prompt_length=prompt_length, device=hidden.device
-            )
-            new = transform(index, hidden)
-            if mask is not None:
-                new = torch.where(mask[..., None], new, hidden)
-            if args:
-                return (new,) + tuple(args[1:]), kwargs
-            kwargs["hidden_states"] = new
-            return args, kwargs
-
-        return hook
-
-    last = len(blocks) - 1
-    seen: dict[str, int] = {}
-
-    def last_pre_hook(module, args, kwargs):  # residual L: the offset is read before the last block runs
-        seen["offset"] = _cache_offset(kwargs, last) if from_cache else call["offset"]
-
-    def last_post_hook(module, args, output):
-        hidden = block_output_tensor(output)
+    def steer(site: Site, hidden: torch.Tensor, call: Call | None = None) -> torch.Tensor:
         batch, seq = hidden.shape[:2]
+        offset = 0 if call is None else call.offset
         mask = position_mask(
-            positions, batch=batch, seq=seq, offset=seen["offset"], prompt_length=prompt_length, device=hidden.device
+            positions, batch=batch, seq=seq, offset=offset, prompt_length=prompt_length, device=hidden.device
         )
-        new = transform(last + 1, hidden)
-        if mask is not None:
-            new = torch.where(mask[..., None], new, hidden)
-        return replace_block_output(output, new)
+        new = transform(site.index, hidden)
+        return new if mask is None else torch.where(mask[..., None], new, hidden)
 
-    try:
-        if not from_cache:
-            handles.append(model.register_forward_pre_hook(model_hook, with_kwargs=True))
-        for index in targets:
-            if index == len(blocks):
-                handles.append(blocks[last].register_forward_pre_hook(last_pre_hook, with_kwargs=True))
-                handles.append(blocks[last].register_forward_hook(last_post_hook))
-            else:
-                handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
+    # "all" never looks at the offset: no call bookkeeping (and no cache self-check) is needed.
+    with trace(model, write=steer, write_at=targets, with_call=positions != "all"):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _vector_for(vector: torch.Tensor | Directions, layer: int) -> torch.Tensor:
@@ -341,11 +307,20 @@ def _steering_residuals(model, function, resid, block, layer) -> list[int]:
 class ActivationAddition(HookIntervention):
     """Lazy activation addition (see ``activation_addition``): ``h ← h + α v`` at residual indices ``residuals``."""
 
-    def __init__(self, model, vector, *, residuals, alpha=1.0, positions="all", prompt_length=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        vector: torch.Tensor | Directions,
+        *,
+        residuals: Sequence[int],
+        alpha: float = 1.0,
+        positions: Positions = "all",
+        prompt_length: int | Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
         self.model, self.vector, self.residuals, self.alpha = model, vector, list(residuals), alpha
         self.positions, self.prompt_length = positions, prompt_length
 
-        def add(index, hidden):
+        def add(index: int, hidden: torch.Tensor) -> torch.Tensor:
             v = _vector_for(vector, index).to(device=hidden.device, dtype=hidden.dtype)
             return hidden + alpha * v
 
@@ -401,7 +376,7 @@ class ABItem:
 
 
 def ab_pair_texts(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     items: Sequence[ABItem | tuple[str, str, str]],
     *,
     system_prompt: str | None = None,
@@ -431,7 +406,7 @@ def ab_pair_texts(
 @torch.no_grad()
 def capture_span_mean(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prefixes: Sequence[str],
     continuations: Sequence[str],
     *,
@@ -449,7 +424,7 @@ def capture_span_mean(
     """
     if len(prefixes) != len(continuations):
         raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
-    layers = _normalize_layers(model, layers)
+    sites = resolve_sites(model, range(len(find_layers(model)) + 1) if layers is None else layers)
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch_size = batch_size or auto_batch_size(model)
@@ -461,36 +436,28 @@ def capture_span_mean(
         rows.append((pre + cont, len(pre) + lo, len(pre) + max(hi, lo)))
     out = []
     for chunk in tqdm(list(batched(rows, batch_size)), desc="capture span", disable=not progress, leave=False):
-        width = max(len(ids) for ids, _, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        batch = encode_ids([ids for ids, _, _ in chunk], pad, device)
+        width = batch["input_ids"].shape[1]
         weights = torch.zeros((len(chunk), width))
         for i, (row, lo, hi) in enumerate(chunk):
             shift = width - len(row)
-            ids[i, shift:] = torch.tensor(row, dtype=torch.long)
-            mask[i, shift:] = 1
             if hi > lo:
                 weights[i, shift + lo : shift + hi] = 1.0 / (hi - lo)
             else:
                 weights[i, shift + lo - 1] = 1.0  # empty span: the prefix's last token
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
         store: dict[int, torch.Tensor] = {}
         w = weights.to(device)
 
-        def on_residual(index, hidden, store=store, w=w):
-            store[index] = torch.einsum("bs,bsd->bd", w, hidden.float())
+        def on_read(site: Site, hidden: torch.Tensor, store: dict = store, w: torch.Tensor = w) -> None:
+            store[site.index] = torch.einsum("bs,bsd->bd", w, hidden.float())
 
-        with residual_hooks(model, layers, on_residual):
-            try:
-                model(**batch, use_cache=False)
-            except _StopForward:
-                pass
-        out.append(torch.stack([store[i] for i in layers], dim=1).cpu())
+        with trace(model, read=sites, on_read=on_read, stop_after=max(s.index for s in sites)):
+            model(**batch, use_cache=False)
+        out.append(torch.stack([store[s.index] for s in sites], dim=1).cpu())
     return torch.cat(out)
 
 
-def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor, **meta) -> Directions:
+def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor, **meta: object) -> Directions:
     """``r = mean(positive) − mean(negative)`` per residual (positive = shows the behaviour = the "bad" side).
 
     ``positive``, ``negative``: ``[n, layer, d]`` activations (e.g. at the A/B letter, or span means).
@@ -501,7 +468,7 @@ def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor, **meta) -
 
 def caa_vector(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     items: Sequence[ABItem | tuple[str, str, str]],
     *,
     layers: Sequence[int] | None = None,
@@ -526,29 +493,16 @@ def reading_vector(positive: torch.Tensor, negative: torch.Tensor, *, seed: int 
     and its sign chosen so that positives read higher. ``vectors`` are unit PCs scaled by the mean
     difference's projection on them (so ``α`` is comparable with CAA); ``good_mean`` / ``bad_mean`` are the
     class means, and ``reading_score`` centres on their midpoint. ``meta["explained"]``: PC1's variance share.
+
+    The one implementation is ``directions.methods.pca_pairs``; this is ``pca_pairs(positive, negative,
+    paired=True, seed=seed)`` under the method name ``"reading_vector"``.
     """
-    _check = mean_difference(positive, negative)  # validates shapes, gives the means
-    diffs = positive.double() - negative.double()
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (diffs.shape[0],), generator=gen).double() * 2 - 1
-    diffs = diffs * signs[:, None, None]
-    centred = diffs - diffs.mean(0, keepdim=True)
-    vectors, explained = [], []
-    for layer in range(diffs.shape[1]):
-        _, s, vh = torch.linalg.svd(centred[:, layer], full_matrices=False)
-        v = vh[0]
-        mean_diff = (_check.bad_mean[layer] - _check.good_mean[layer]).double()
-        proj = float(mean_diff @ v)
-        if proj < 0:
-            v, proj = -v, -proj
-        vectors.append(v * proj)
-        explained.append(float(s[0] ** 2 / (s**2).sum().clamp_min(1e-30)))
-    return Directions(
-        torch.stack(vectors).float(),
+    directions = pca_pairs(positive, negative, rank=1, seed=seed, paired=True)
+    explained = [ratios[0] for ratios in directions.meta["explained_variance_ratio"]]
+    return replace(
+        directions,
         method="reading_vector",
-        good_mean=_check.good_mean,
-        bad_mean=_check.bad_mean,
-        meta={"n_pairs": diffs.shape[0], "seed": seed, "explained": explained},
+        meta={"n_pairs": directions.meta["n_pairs"], "seed": seed, "explained": explained},
     )
 
 
@@ -574,7 +528,7 @@ def reading_score(
 
 def intervention_sweep(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     make: Callable[..., AbstractContextManager],
     grid: Sequence[dict] | dict[str, Sequence],
@@ -583,7 +537,7 @@ def intervention_sweep(
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> pd.DataFrame:
     """Generate under ``make(**params)`` for each ``params`` of ``grid`` and score each response.
 
@@ -617,7 +571,7 @@ def intervention_sweep(
 
 def steering_sweep(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     vector: torch.Tensor | Directions,
     *,
@@ -628,11 +582,12 @@ def steering_sweep(
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> pd.DataFrame:
     """``intervention_sweep`` of ``activation_addition`` over ``alphas × layers`` (columns ``layer``, ``alpha``)."""
 
-    def make(layer, alpha):  # ``layers``: block inputs (0.1 rule: negatives from the number of blocks)
+    def make(layer: int, alpha: float) -> ActivationAddition:
+        # ``layers``: block inputs (0.1 rule: negatives from the number of blocks)
         [k] = _old_layer_residuals(model, layer)
         return activation_addition(model, vector, resid=k, alpha=alpha, positions=positions)
 

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -113,7 +113,7 @@ class BaseDetector:
         return self.detect(list(texts)).decisions
 
 
-def decided_many(detector, texts: Sequence[str]) -> list[bool]:
+def decided_many(detector: object, texts: Sequence[str]) -> list[bool]:
     """``[bool(detector.decided(t)) for t in texts]``; ``False`` everywhere for a detector without ``decided``."""
     decide = getattr(detector, "decided", None)
     return [bool(decide(t)) if decide is not None else False for t in texts]
@@ -219,7 +219,9 @@ class KeywordDetector(BaseDetector):
 
     early_stop_safe = True
 
-    def __init__(self, markers: str | Sequence[str] = "default", *, window: int | None = None, name: str | None = None):
+    def __init__(
+        self, markers: str | Sequence[str] = "default", *, window: int | None = None, name: str | None = None
+    ) -> None:
         self.list_name = markers if isinstance(markers, str) else "custom"
         words = MARKER_LISTS[markers] if isinstance(markers, str) else tuple(markers)
         self.marker = MarkerDetector(markers=words, strip_reasoning=False)
@@ -246,7 +248,7 @@ class KeywordDetector(BaseDetector):
         answer = answer[: self.window] if self.window else answer
         return True if not is_blank(answer) and self.marker.matched(answer) else None
 
-    def detect(self, texts, prompts=None) -> DetectionResult:
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
         decisions = [self._one(t) for t in texts]
         return DetectionResult(decisions, [float(d) for d in decisions])
 
@@ -328,7 +330,7 @@ class SemanticDetector(BaseDetector):
         classifier: str = "margin",
         embedder: SentenceEmbedder | None = None,
         name: str | None = None,
-    ):
+    ) -> None:
         if classifier not in ("margin", "logistic"):
             raise ValueError(f"classifier must be 'margin' or 'logistic', not {classifier!r}")
         self.embedder = embedder or SentenceEmbedder.shared()
@@ -363,7 +365,7 @@ class SemanticDetector(BaseDetector):
             scores = self._margin(emb).tolist() if len(prepared) else []
         return [1.0 if is_blank(p) else float(s) for p, s in zip(prepared, scores)]
 
-    def detect(self, texts, prompts=None) -> DetectionResult:
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
         texts = list(texts)
         prepared = self._texts(texts)
         scores = self.raw_scores(texts)
@@ -416,7 +418,7 @@ class EnsembleDetector(BaseDetector):
         threshold: float = 0.5,
         tie_refusal: bool = False,
         name: str | None = None,
-    ):
+    ) -> None:
         if mode not in ("majority", "weighted", "any"):
             raise ValueError(f"mode must be 'majority', 'weighted' or 'any', not {mode!r}")
         self.members = list(members)
@@ -430,8 +432,8 @@ class EnsembleDetector(BaseDetector):
             name or f"ensemble:{mode}(" + ",".join(getattr(m, "name", type(m).__name__) for m in self.members) + ")"
         )
 
-    @property
-    def early_stop_safe(self) -> bool:
+    @property  # a class attribute on BaseDetector, computed from the members here
+    def early_stop_safe(self) -> bool:  # type: ignore[override]
         return self.mode == "any" and all(getattr(m, "early_stop_safe", False) for m in self.members)
 
     def decided_one(self, text: str) -> bool | None:
@@ -440,7 +442,7 @@ class EnsembleDetector(BaseDetector):
             return None
         return True if any(getattr(m, "decided", None) and m.decided(text) for m in self.members) else None
 
-    def detect(self, texts, prompts=None) -> DetectionResult:
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
         texts = list(texts)
         votes = [detect_with(m, texts, prompts).decisions for m in self.members]
         total = sum(self.weights)
@@ -458,7 +460,11 @@ class EnsembleDetector(BaseDetector):
         return DetectionResult(decisions, scores)
 
 
-def detect_with(detector, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
+def detect_with(
+    detector: Detector | Callable[[list[str]], Sequence[Any]],
+    texts: Sequence[str],
+    prompts: Sequence[str] | None = None,
+) -> DetectionResult:
     """``detector.detect`` when it has one (passing prompts), else a plain callable's decisions as 1.0/0.0."""
     if hasattr(detector, "detect"):
         return detector.detect(list(texts), prompts=prompts)
@@ -505,7 +511,7 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _MOVED:
         import importlib
 

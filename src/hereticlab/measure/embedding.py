@@ -32,7 +32,7 @@ def embedding_model_dir(package: str = EMBEDDING_PACKAGE) -> Path:
         raise ImportError(f"sentence embeddings need the embedding model package; pip install '{package}'") from exc
     for entry in dist.files or ():
         if entry.name == "model.safetensors":
-            return Path(dist.locate_file(entry)).resolve().parent
+            return Path(str(dist.locate_file(entry))).resolve().parent
     raise ImportError(f"{package} is installed but carries no model.safetensors; reinstall it")
 
 
@@ -51,7 +51,7 @@ class SentenceEmbedder:
         device: str = "cpu",
         max_length: int = 256,
         batch_size: int = 64,
-    ):
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path) if path else embedding_model_dir()

@@ -16,11 +16,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ..directions.methods import fit_linear_probe, geometric_median_batched
+
+if TYPE_CHECKING:  # imported by the functions that build tables
+    import pandas as pd
+    from pandas.io.formats.style import Styler
 
 GOOD, BAD = 0, 1
 
@@ -30,13 +36,16 @@ NORM_COLUMNS = ["|g|", "|g*|", "|b|", "|b*|", "|r|", "|r*|"]
 SEPARATION_COLUMNS = ["silhouette", "snr", "purity", "quality", "S(r,r_prev)", "S(r*,r*_prev)", "probe_acc"]
 TABLE_COLUMNS = COSINE_COLUMNS + NORM_COLUMNS + SEPARATION_COLUMNS
 
+# What the functions below accept: a torch tensor (any device/dtype) or anything numpy.asarray takes.
+Array = torch.Tensor | npt.ArrayLike
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure math
 # ----------------------------------------------------------------------------------------------------------
 
 
-def as_numpy(x, dtype=np.float64) -> np.ndarray:
+def as_numpy(x: Array, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
     """A torch tensor or array-like → numpy array of ``dtype`` (on CPU)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -46,7 +55,7 @@ def as_numpy(x, dtype=np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def as_residuals(x) -> np.ndarray:
+def as_residuals(x: Array) -> np.ndarray:
     """``[prompt, layer, d]`` float64; a ``[prompt, d]`` input becomes one layer."""
     a = as_numpy(x)
     if a.ndim == 2:
@@ -56,7 +65,7 @@ def as_residuals(x) -> np.ndarray:
     return a
 
 
-def weiszfeld_median(points, iters: int = 100, eps: float = 1e-8, tol: float = 1e-10) -> np.ndarray:
+def weiszfeld_median(points: Array, iters: int = 100, eps: float = 1e-8, tol: float = 1e-10) -> np.ndarray:
     """Geometric median over the first axis, batched over any middle axes: ``points [n, ..., d]`` → ``[..., d]``
     (float64 numpy; numpy or torch in).
 
@@ -72,7 +81,7 @@ def weiszfeld_median(points, iters: int = 100, eps: float = 1e-8, tol: float = 1
     return median.numpy().reshape(x.shape[1:])
 
 
-def cosine(a, b, eps: float = 1e-12) -> np.ndarray:
+def cosine(a: Array, b: Array, eps: float = 1e-12) -> np.ndarray:
     """Row-wise cosine similarity of ``a, b [..., d]`` → ``[...]``; NaN where either vector is (near) zero."""
     a, b = as_numpy(a), as_numpy(b)
     na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
@@ -81,7 +90,7 @@ def cosine(a, b, eps: float = 1e-12) -> np.ndarray:
     return np.where((na > eps) & (nb > eps), out, np.nan)
 
 
-def separation_quality(g, b, eps: float = 1e-12) -> dict[str, np.ndarray]:
+def separation_quality(g: Array, b: Array, eps: float = 1e-12) -> dict[str, np.ndarray]:
     """The layer-quality heuristic ``SNR · (1 − cos(g, b)) · purity`` from class centres ``g, b [..., d]``.
 
     ``SNR = ‖r‖ / max(‖g‖, ‖b‖)``, ``purity = ‖r_⊥‖ / ‖r‖`` with ``r = b − g`` and ``r_⊥`` = r minus its
@@ -100,7 +109,7 @@ def separation_quality(g, b, eps: float = 1e-12) -> dict[str, np.ndarray]:
     return {"snr": snr, "purity": purity, "quality": quality}
 
 
-def silhouette_per_layer(good, bad) -> np.ndarray:
+def silhouette_per_layer(good: Array, bad: Array) -> np.ndarray:
     """Silhouette score (scikit-learn, Euclidean) of the good/bad labels at each layer → ``[layer]``.
 
     Near 1: two tight, well separated clusters; near 0: overlapping; NaN when a class has no points. Layers where
@@ -136,7 +145,9 @@ def split_indices(labels: np.ndarray, test_fraction: float = 0.25, seed: int = 0
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def probe_accuracy(good, bad, *, test_fraction: float = 0.25, seed: int = 0, C: float = 1.0) -> np.ndarray:
+def probe_accuracy(
+    good: Array, bad: Array, *, test_fraction: float = 0.25, seed: int = 0, C: float = 1.0
+) -> np.ndarray:
     """Held-out accuracy of a linear probe (standardize + LogisticRegression) per layer → ``[layer]``.
 
     One fixed stratified split (``split_indices``) for every layer. NaN when a class has fewer than 2 points.
@@ -171,16 +182,16 @@ def _pair(function: str, args: tuple, bad, good):
 
 
 def geometry_table(
-    *args,
-    bad=None,
-    good=None,
+    *args: Any,
+    bad: Array | None = None,
+    good: Array | None = None,
     layers: Sequence[int] | None = None,
     median_iters: int = 100,
     probe: bool = True,
     test_fraction: float = 0.25,
     seed: int = 0,
     threads: int | None = 1,
-):
+) -> pd.DataFrame:
     """One row per layer describing the good/bad residual geometry (a pandas DataFrame, index ``layer``).
 
     ``bad=``, ``good=`` (keyword-only): residuals ``[prompt, layer, d]``. ``layers``: labels for the layer axis.
@@ -243,7 +254,7 @@ def _geometry_table(good, bad, layers, median_iters, probe, test_fraction, seed)
     return df
 
 
-def style_geometry_table(df, precision: int = 3):
+def style_geometry_table(df: pd.DataFrame, precision: int = 3) -> Styler:
     """A pandas ``Styler`` for ``geometry_table`` output: diverging gradients on cosines (−1..1), sequential ones
     on separation columns, bars on norms, NaN shown as "–". The DataFrame's values are untouched."""
     cos_cols = [c for c in df.columns if c.startswith("S(")]
@@ -267,7 +278,7 @@ def style_geometry_table(df, precision: int = 3):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rotation_to_horizontal(good_2d, bad_2d) -> tuple[np.ndarray, np.ndarray]:
+def rotation_to_horizontal(good_2d: Array, bad_2d: Array) -> tuple[np.ndarray, np.ndarray]:
     """Rotation ``R [2, 2]`` and centre ``c [2]`` so that ``(x − c) @ R.T`` puts the good class's 2-D geometric
     median on the negative x-axis and the bad one's on the positive x-axis (the midpoint at the origin).
 
@@ -282,7 +293,7 @@ def rotation_to_horizontal(good_2d, bad_2d) -> tuple[np.ndarray, np.ndarray]:
     return np.array([[c, -s], [s, c]]), centre
 
 
-def align_embedding(coords, labels, normalize: bool = True) -> np.ndarray:
+def align_embedding(coords: Array, labels: npt.ArrayLike, normalize: bool = True) -> np.ndarray:
     """Rotate/centre ``coords [n, 2]`` with ``rotation_to_horizontal`` (good = label 0 on the left); with
     ``normalize`` also scale to unit RMS distance from the centre (PaCMAP's scale is arbitrary)."""
     coords, labels = as_numpy(coords), np.asarray(labels)
@@ -325,7 +336,8 @@ def _set_numba_threads(n: int | None) -> int | None:
         import numba
 
         previous = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        limit = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set when numba.config loads
+        numba.set_num_threads(max(1, min(int(n), limit)))
         return previous
     except Exception:  # pragma: no cover - numba missing or too old
         return None
@@ -479,15 +491,15 @@ def projection_key(good: np.ndarray, bad: np.ndarray, settings: dict, reference:
 
 
 def project_layers(
-    *args,
-    bad=None,
-    good=None,
+    *args: Any,
+    bad: Array | None = None,
+    good: Array | None = None,
     layers: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
     n_neighbors: int = 10,
     MN_ratio: float = 0.5,
     FP_ratio: float = 2.0,
-    num_iters: int | tuple = (100, 100, 250),
+    num_iters: int | tuple[int, int, int] = (100, 100, 250),
     seed: int = 0,
     normalize: bool = True,
     reference: Projection | None = None,
@@ -576,7 +588,7 @@ def project_layers(
     return proj
 
 
-def interpolate_frames(coords, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def interpolate_frames(coords: Array, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Transition frames between consecutive layers for an animation.
 
     ``coords [layer, n, 2]`` → ``(frames [F, n, 2], position [F])`` with ``steps`` frames per transition (linear

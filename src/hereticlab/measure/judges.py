@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..core import compat
 from ..core.prompts import format_chat
@@ -28,7 +30,9 @@ JUDGE_QUESTION_NO_PROMPT = (
 )
 
 
-def token_ids(tokenizer, words: Iterable[str], *, variants: bool = False, whole: bool = False) -> list[int]:
+def token_ids(
+    tokenizer: PreTrainedTokenizerBase, words: Iterable[str], *, variants: bool = False, whole: bool = False
+) -> list[int]:
     """Token ids of ``words``, deduplicated in order: the one helper for yes/no and refusal-opening ids.
 
     ``variants``: also try each word capitalized, upper-case and with a leading space. ``whole``: keep only
@@ -48,7 +52,7 @@ def token_ids(tokenizer, words: Iterable[str], *, variants: bool = False, whole:
     return ids
 
 
-def answer_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase, words: Iterable[str]) -> list[int]:
     """First token id of each spelling of each word (with/without a leading space, any case), deduplicated."""
     return token_ids(tokenizer, words, variants=True)
 
@@ -64,8 +68,8 @@ class SelfJudgeDetector(BaseDetector):
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
         *,
         threshold: float = 0.5,
         max_chars: int = 600,
@@ -73,7 +77,7 @@ class SelfJudgeDetector(BaseDetector):
         question: str | None = None,
         close_thinking: bool = False,
         name: str = "self-judge",
-    ):
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.threshold = threshold
         self.max_chars = max_chars
@@ -115,7 +119,7 @@ class SelfJudgeDetector(BaseDetector):
             out.extend((p_yes / (p_yes + p_no).clamp_min(1e-30)).cpu().tolist())
         return out
 
-    def detect(self, texts, prompts=None) -> DetectionResult:
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
         texts = list(texts)
         if prompts is not None and len(prompts) != len(texts):
             raise ValueError(f"{len(prompts)} prompts for {len(texts)} responses")

@@ -8,13 +8,17 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .detectors import MARKER_LISTS, Detector, EnsembleDetector, KeywordDetector, SemanticDetector, detect_with
 from .judges import SelfJudgeDetector
+
+if TYPE_CHECKING:  # imported by the functions that build frames
+    import pandas as pd
 
 # ----------------------------------------------------------------------------------------------------------
 # Labelled data and evaluation
@@ -23,7 +27,7 @@ from .judges import SelfJudgeDetector
 LABELLED_PATH = Path(__file__).resolve().parents[1] / "data" / "labels" / "refusal_labels.jsonl"
 
 
-def load_labelled(path: str | Path | None = None):
+def load_labelled(path: str | Path | None = None) -> pd.DataFrame:
     """The labelled refusal set as a DataFrame ``(prompt, response, label, category)``; ``label`` True = refusal."""
     import pandas as pd
 
@@ -38,7 +42,7 @@ def load_labelled(path: str | Path | None = None):
     return frame
 
 
-def _as_frame(labelled):
+def _as_frame(labelled: pd.DataFrame | str | Path | Iterable[Mapping[str, Any]] | None) -> pd.DataFrame:
     import pandas as pd
 
     if labelled is None or isinstance(labelled, (str, Path)):
@@ -71,8 +75,11 @@ def confusion_metrics(decisions: Sequence[bool], labels: Sequence[bool]) -> dict
 
 
 def evaluate_detectors(
-    detectors: Mapping[str, Detector] | Sequence[Detector], labelled=None, *, by_category: bool = False
-):
+    detectors: Mapping[str, Detector] | Sequence[Detector],
+    labelled: pd.DataFrame | str | Path | Iterable[Mapping[str, Any]] | None = None,
+    *,
+    by_category: bool = False,
+) -> pd.DataFrame:
     """Score each detector on labelled responses.
 
     ``detectors``: ``{name: detector}`` or a list (names from ``.name``). ``labelled``: a DataFrame / list of
@@ -117,7 +124,7 @@ def default_detector() -> KeywordDetector:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def split_labelled(frame, *, fraction: float = 0.5, seed: int = 0):
+def split_labelled(frame: pd.DataFrame, *, fraction: float = 0.5, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stratified (by category and label) split of a labelled DataFrame into ``(calibration, test)``."""
     import random
 

@@ -19,11 +19,13 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..core import compat
 from ..core.capture import auto_batch_size, batched, capture_residuals, encode, model_device
@@ -95,7 +97,7 @@ class TraitSpec:
     judge_template: str = ""
     keyword_neutral: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if len(self.positive) != len(self.negative) or not self.positive:
             raise PromptError(
                 f"trait {self.name!r} needs as many positive as negative system prompts (≥ 1); "
@@ -104,7 +106,7 @@ class TraitSpec:
         if not self.questions:
             raise PromptError(f"trait {self.name!r} has no questions")
 
-    def fill(self, template: str, **extra) -> str:
+    def fill(self, template: str, **extra: Any) -> str:
         return template.format(trait=self.name, description=self.description, **extra)
 
     def keyword_judge(self) -> KeywordJudge:
@@ -126,7 +128,7 @@ def build_trait(
     questions: Sequence[str] | None = None,
     heldout: Sequence[str] | None = None,
     template: dict[str, list[str]] | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> TraitSpec:
     """A ``TraitSpec`` from a trait name and one-line description, filled into the generic templates.
 
@@ -135,10 +137,10 @@ def build_trait(
     """
     sections = {**_template_sections(), **(template or {})}
 
-    def fill(t):
+    def fill(t: str) -> str:
         return t.format(trait=name, description=description)
 
-    spec = dict(
+    spec: dict[str, Any] = dict(
         name=name,
         description=description,
         positive=[fill(t) for t in sections.get("positive", [])],
@@ -152,7 +154,7 @@ def build_trait(
 
 
 def available_traits() -> list[str]:
-    names = set()
+    names: set[str] = set()
     for folder in persona_dirs():
         names.update(p.stem for p in folder.glob("*.txt") if not p.stem.startswith("_"))
     return sorted(names)
@@ -224,6 +226,10 @@ class TraitDetector:
     def decided(self, text: str) -> bool | None:
         return None
 
+    def __call__(self, questions: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """The scores in ``[0, 1]`` (subclasses implement it)."""
+        raise NotImplementedError
+
 
 @dataclass
 class KeywordJudge(TraitDetector):
@@ -238,7 +244,7 @@ class KeywordJudge(TraitDetector):
     negative_patterns: Sequence[str] = ()
     neutral: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._pos = [re.compile(p, re.IGNORECASE) for p in self.positive_patterns]
         self._neg = [re.compile(p, re.IGNORECASE) for p in self.negative_patterns]
 
@@ -264,16 +270,16 @@ class EmbeddingJudge(TraitDetector):
         positive: Sequence[str],
         negative: Sequence[str],
         *,
-        embedder: Callable | None = None,
+        embedder: Callable[[list[str]], torch.Tensor] | None = None,
         temperature: float = 0.05,
-    ):
+    ) -> None:
         self.embedder = embedder or SentenceEmbedder.shared()
         self.temperature = temperature
         self.pos = normalize(self.embedder(list(positive)).mean(0))
         self.neg = normalize(self.embedder(list(negative)).mean(0))
 
     @classmethod
-    def for_trait(cls, trait: TraitSpec, **kwargs) -> EmbeddingJudge:
+    def for_trait(cls, trait: TraitSpec, **kwargs: Any) -> EmbeddingJudge:
         pos = trait.positive_examples or trait.positive
         neg = trait.negative_examples or trait.negative
         return cls(pos, neg, **kwargs)
@@ -294,12 +300,12 @@ class SelfJudge(TraitDetector):
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         trait: TraitSpec,
         *,
         template: str | None = None,
         batch_size: int | None = None,
-    ):
+    ) -> None:
         self.model, self.tokenizer, self.trait = model, tokenizer, trait
         self.template = template or trait.judge_template or _template_sections()["judge"][0]
         self.batch_size = batch_size
@@ -308,7 +314,7 @@ class SelfJudge(TraitDetector):
         if not self.yes or not self.no:
             raise ValueError("the tokenizer has no single-token Yes / No; pass another judge")
 
-    def _ids(self, words) -> list[int]:
+    def _ids(self, words: Sequence[str]) -> list[int]:
         return sorted(token_ids(self.tokenizer, words, whole=True))
 
     @torch.no_grad()
@@ -333,7 +339,7 @@ class SelfJudge(TraitDetector):
 
 def generate_contrastive(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     trait: TraitSpec,
     *,
     questions: Sequence[str] | None = None,
@@ -398,7 +404,7 @@ def judge_pairs(
 
 def response_activations(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
     responses: Sequence[str],
     *,
@@ -443,7 +449,7 @@ class PersonaResult:
 
 def persona_directions(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     frame: pd.DataFrame,
     *,
     trait: TraitSpec | None = None,
@@ -480,7 +486,7 @@ def persona_directions(
 
 def extract_persona_vector(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     trait: TraitSpec | str,
     *,
     judge: Judge | str = "keyword",
@@ -496,17 +502,18 @@ def extract_persona_vector(
 
     ``judge``: a callable, or ``"keyword"`` / ``"embedding"`` / ``"self"`` for the built-in judges of ``trait``.
     """
-    trait = load_trait(trait) if isinstance(trait, str) else trait
+    spec = load_trait(trait) if isinstance(trait, str) else trait
     if isinstance(judge, str):
-        judge = {
-            "keyword": lambda: trait.keyword_judge(),
-            "embedding": lambda: EmbeddingJudge.for_trait(trait),
-            "self": lambda: SelfJudge(model, tokenizer, trait),
-        }[judge]()
+        builders: dict[str, Callable[[], Judge]] = {
+            "keyword": lambda: spec.keyword_judge(),
+            "embedding": lambda: EmbeddingJudge.for_trait(spec),
+            "self": lambda: SelfJudge(model, tokenizer, spec),
+        }
+        judge = builders[judge]()
     frame = generate_contrastive(
         model,
         tokenizer,
-        trait,
+        spec,
         questions=questions,
         n_prompts=n_prompts,
         max_new_tokens=max_new_tokens,
@@ -514,8 +521,8 @@ def extract_persona_vector(
         progress=progress,
     )
     frame = judge_pairs(frame, judge, positive_min=positive_min, negative_max=negative_max)
-    directions = persona_directions(model, tokenizer, frame, trait=trait, batch_size=batch_size, progress=progress)
-    return PersonaResult(trait, directions, frame)
+    directions = persona_directions(model, tokenizer, frame, trait=spec, batch_size=batch_size, progress=progress)
+    return PersonaResult(spec, directions, frame)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -535,7 +542,7 @@ def project(activations: torch.Tensor, directions: Directions | torch.Tensor, la
 
 def monitor_projection(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     directions: Directions,
     layer: int,
@@ -561,7 +568,7 @@ def monitor_projection(
 
 def projection_difference(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     responses: Sequence[str],
     directions: Directions,
@@ -587,7 +594,7 @@ def projection_difference(
             progress=progress,
             system_prompt=system_prompt,
         )
-    kw = dict(system_prompts=system_prompt, layers=[layer], batch_size=batch_size, progress=progress)
+    kw: dict[str, Any] = dict(system_prompts=system_prompt, layers=[layer], batch_size=batch_size, progress=progress)
     data = response_activations(model, tokenizer, prompts, responses, **kw)[:, 0]
     own = response_activations(model, tokenizer, prompts, model_responses, **kw)[:, 0]
     p_data, p_own = project(data, directions, layer), project(own, directions, layer)

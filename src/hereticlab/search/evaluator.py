@@ -22,22 +22,30 @@ What makes a trial cheap (each is measured against a Heretic-style reference in 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from ..core import compat
 from ..core.architecture import block_output_tensor, find_layers
 from ..core.capture import batched, chat_texts, encode, encode_ids, model_device, pad_id
 from ..core.generation import eos_token_ids, greedy_decode
+from ..core.hooks import hook_outputs
 from ..core.prompts import PromptSet
-from ..interventions.edits import WeightBackup, WriterEdit, apply_edits, first_edited_layer
+from ..directions.base import Directions
+from ..interventions.edits import Strength, WeightBackup, WriterEdit, apply_edits, first_edited_layer
 from ..measure.metrics import MarkerDetector, kl_from_logprobs
+
+if TYPE_CHECKING:  # imported by the functions that draw or tabulate
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -142,11 +150,11 @@ class TrialEvaluator:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         bad: Sequence[str] | PromptSet,
         good: Sequence[str] | PromptSet,
         *,
-        detector=None,
+        detector: object | None = None,
         decide_after: int = 16,
         max_new_tokens: int = 100,
         early_stop: bool = True,
@@ -158,7 +166,7 @@ class TrialEvaluator:
         min_shared_prefix: int = 4,
         chat_kwargs: dict | None = None,
         progress: bool = True,
-    ):
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.detector = detector or MarkerDetector()
         self.decide_after, self.max_new_tokens, self.early_stop = decide_after, max_new_tokens, early_stop
@@ -258,27 +266,22 @@ class TrialEvaluator:
         ):
             batch = _Batch(encode_ids([ids[i][shared:] for i in chunk], pad, device, prefix_length=shared), list(chunk))
             if checkpoints:
-                handles = []
 
-                def make_hook(index: int, batch: _Batch = batch):
-                    def hook(module, args, output):
+                def make_hook(index: int, batch: _Batch = batch) -> Callable[[object], None]:
+                    def hook(output: object) -> None:
                         self._block_returns_tuple = isinstance(output, tuple)
                         if index + 1 in checkpoints:
                             batch.block_inputs[index + 1] = block_output_tensor(output).detach().clone()
 
                     return hook
 
-                try:
-                    handles = [b.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
+                with hook_outputs([(b, make_hook(i)) for i, b in enumerate(blocks)], raw=True):
                     _, cache = compat.forward(
                         self.model,
                         batch.inputs,
                         cache=self._expanded(prefix_kv, len(chunk)),
                         use_cache=with_kv or bool(shared),
                     )
-                finally:
-                    for h in handles:
-                        h.remove()
                 if with_kv:
                     # Only plain full-attention cache layers can be replayed by a single update(); sliding-window
                     # layers keep a truncated window with their own bookkeeping, so replay stops before them.
@@ -489,7 +492,7 @@ class TrialEvaluator:
 
 def tune_batch_size(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     candidates: Sequence[int] = (8, 16, 32, 64, 128),
@@ -524,14 +527,14 @@ def tune_batch_size(
 
 def scan_layers(
     evaluator: TrialEvaluator,
-    directions,
+    directions: Directions,
     *,
     indices: Sequence[int] | None = None,
-    strength=1.0,
+    strength: Strength = 1.0,
     components: Sequence[str] = ("attn", "mlp"),
     norm: str = "none",
     progress: bool = True,
-):
+) -> pd.DataFrame:
     """Ablate the direction taken at each residual index in turn (applied to every block, or per ``strength``)
     and measure refusals and KL. Returns a DataFrame ``(index, refusals, refusal_rate, kl, seconds)``."""
     import pandas as pd
@@ -556,7 +559,9 @@ def scan_layers(
     return pd.DataFrame(rows)
 
 
-def plot_layer_scan(scan, *, baseline_refusals: int | None = None, n_prompts: int | None = None):
+def plot_layer_scan(
+    scan: pd.DataFrame, *, baseline_refusals: int | None = None, n_prompts: int | None = None
+) -> Figure:
     """Refusals and KL against the residual index of the ablated direction (two y-axes). Returns the Figure."""
     import matplotlib.pyplot as plt
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import optuna
@@ -27,6 +27,10 @@ from ..core.architecture import find_layers
 from ..directions.base import Directions
 from ..interventions.edits import WriterEdit, plan_ablation
 from ..interventions.kernels import gaussian_kernel, tent_kernel
+
+if TYPE_CHECKING:  # imported by the functions that draw
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 OBJECTIVES = ("refusals", "kl")
 
@@ -57,7 +61,7 @@ class SearchSpace:
     kernels: tuple[str, ...] = ("tent",)
     pinned: dict[str, Any] = field(default_factory=dict)
 
-    def pin(self, **values) -> SearchSpace:
+    def pin(self, **values: Any) -> SearchSpace:
         return replace(self, pinned={**self.pinned, **values})
 
     def _choice(self, trial, name, choices):
@@ -122,6 +126,7 @@ def edits_from_params(
     n_layers = len(find_layers(model))
     components = tuple(components or sorted({k.split(".")[0] for k in params if k.endswith(".max_weight")}))
     strength = {c: layer_kernel(params, c, n_layers) for c in components}
+    direction: torch.Tensor | Directions
     if params.get("scope", "global") == "global":
         direction = directions.at(float(params["direction_index"]) * (directions.n_residuals - 1))
     else:
@@ -193,11 +198,11 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
     draws, the same ones whichever worker runs it, and keeps a single-process run reproducible.
     """
 
-    def __init__(self, *, seed: int | None = None, **kwargs):
+    def __init__(self, *, seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(seed=seed, **kwargs)
         self._trial_seed = seed
 
-    def before_trial(self, study, trial) -> None:
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         super().before_trial(study, trial)
         tpe_rng = getattr(self, "_rng", None)
         random_rng = getattr(getattr(self, "_random_sampler", None), "_rng", None)
@@ -213,7 +218,14 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         random_rng.rng.seed(int(random_seed))
 
 
-def open_study(name: str, storage, *, seed: int = 0, n_startup_trials: int = 10, shared: bool = False) -> optuna.Study:
+def open_study(
+    name: str,
+    storage: str | optuna.storages.BaseStorage | None,
+    *,
+    seed: int = 0,
+    n_startup_trials: int = 10,
+    shared: bool = False,
+) -> optuna.Study:
     """Create or resume a two-objective study (refusals, KL; both minimized) with multivariate TPE.
 
     ``shared``: other processes may work on this study at the same time; the sampler then draws each trial's random
@@ -324,7 +336,13 @@ def trial_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return dict(trial.user_attrs.get("params", trial.params))
 
 
-def plot_pareto(study_or_table, *, ax=None, kl_max: float | None = None, chosen: int | None = None):
+def plot_pareto(
+    study_or_table: optuna.Study | pd.DataFrame,
+    *,
+    ax: Axes | None = None,
+    kl_max: float | None = None,
+    chosen: int | None = None,
+) -> Figure:
     """Scatter of every trial's (KL, refusals) with the Pareto front drawn as a step line. Returns the Figure."""
     import matplotlib.pyplot as plt
 
@@ -332,7 +350,7 @@ def plot_pareto(study_or_table, *, ax=None, kl_max: float | None = None, chosen:
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 4))
     else:
-        fig = ax.figure
+        fig = cast("Figure", ax.figure)  # (a SubFigure's axes are not supported)
     done = table[~table["pruned"]]
     ax.scatter(done["kl"], done["refusals"], s=18, alpha=0.5, label="trials")
     if isinstance(study_or_table, optuna.Study):

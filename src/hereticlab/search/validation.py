@@ -11,6 +11,7 @@ headers, looking at the file system and one 2-second TCP connect to a database s
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,7 +20,10 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # core.prompts is imported by the check itself (cheap start-up)
+    from ..core.prompts import PromptSet
 
 #: Longest prompt accepted (characters). A 200,000-character line is a file that is not one prompt per line, and
 #: would cost minutes of padding per batch before failing on the model's context length.
@@ -53,7 +57,7 @@ class InputError(Exception):
 
     exit_code = 2
 
-    def __init__(self, problem: str, fix: str):
+    def __init__(self, problem: str, fix: str) -> None:
         super().__init__(f"{problem}; {fix}")
         self.problem, self.fix = problem, fix
 
@@ -265,7 +269,7 @@ def check_model(name: str, flag: str = "--model") -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_prompts(source: str, flag: str):
+def check_prompts(source: str, flag: str) -> PromptSet:
     """Load a prompt set (cheap) and check every prompt's length; returns the ``PromptSet``."""
     from ..core.prompts import PromptError, load_prompts
 
@@ -285,7 +289,7 @@ def check_prompts(source: str, flag: str):
     return prompts
 
 
-def check_run_split(prompts, flag: str, train: int, search: int) -> None:
+def check_run_split(prompts: PromptSet, flag: str, train: int, search: int) -> None:
     """``hereticlab run`` cuts each set into train + search + test; the test part needs at least one prompt."""
     n, need = len(prompts), train + search + 1
     if train >= n:
@@ -629,7 +633,7 @@ class RunInputs:
     behaviour: str
 
 
-def validate_run(args) -> RunInputs:
+def validate_run(args: argparse.Namespace) -> RunInputs:
     """Every check for ``hereticlab run``, cheapest first. Nothing is written or loaded."""
     for flag, value, minimum in (
         ("--trials", args.trials, 1),
@@ -687,14 +691,14 @@ def validate_run(args) -> RunInputs:
     return RunInputs(methods=methods, norms=norms, behaviour=behaviour)
 
 
-def validate_replay(args) -> dict[str, Any]:
+def validate_replay(args: argparse.Namespace) -> dict[str, Any]:
     record = check_run_record(args.record)
     out = Path(args.out) if args.out else Path(args.record).expanduser().parent / "replay"
     check_writable_folder(out, "--out")
     return record
 
 
-def validate_evaluate(args) -> None:
+def validate_evaluate(args: argparse.Namespace) -> None:
     check_count("--limit", args.limit)
     check_count("--max-new-tokens", args.max_new_tokens)
     if args.split:

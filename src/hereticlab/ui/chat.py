@@ -15,13 +15,18 @@ import html
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..core.capture import encode, model_device
 from ..core.generation import eos_token_ids, iter_greedy
 from ..core.prompts import format_chat
+
+if TYPE_CHECKING:  # ipywidgets is imported when the UI is built
+    import ipywidgets
 
 
 @dataclass
@@ -32,10 +37,10 @@ class Variant:
     """
 
     name: str
-    factory: Callable[..., AbstractContextManager] | None = None
+    factory: Callable[..., AbstractContextManager[Any]] | None = None
     params: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
-    def context(self, **values) -> AbstractContextManager:
+    def context(self, **values: float) -> AbstractContextManager[Any]:
         if self.factory is None:
             return nullcontext()
         merged = {k: spec[3] for k, spec in self.params.items()}
@@ -46,7 +51,7 @@ class Variant:
 @torch.no_grad()
 def stream_generate(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     *,
     max_new_tokens: int = 64,
@@ -60,7 +65,7 @@ def stream_generate(
     tokens: list[int] = []
     for step in iter_greedy(model, batch, max_new_tokens, eos_token_ids(model, tokenizer)):
         tokens.append(step[0])
-        yield tokenizer.decode(tokens, skip_special_tokens=True)
+        yield cast(str, tokenizer.decode(tokens, skip_special_tokens=True))  # one row: a str
 
 
 class ChatComparison:
@@ -73,13 +78,13 @@ class ChatComparison:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         columns: Mapping[str, Variant | Sequence[Variant] | None],
         *,
         max_new_tokens: int = 64,
         system_prompt: str | None = None,
         prompt: str = "",
-    ):
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.options: dict[str, list[Variant]] = {}
         for title, spec in columns.items():
@@ -167,7 +172,7 @@ class ChatComparison:
             sliders.append(slider)
         return sliders
 
-    def build(self):
+    def build(self) -> ipywidgets.VBox:
         """The ipywidgets UI: prompt box, max-tokens slider, Generate button, one column per variant."""
         import ipywidgets as w
 
@@ -222,7 +227,7 @@ class ChatComparison:
             self.status.value = ""
 
     @property
-    def widget(self):
+    def widget(self) -> ipywidgets.VBox:
         return self._widget if self._widget is not None else self.build()
 
     def _repr_mimebundle_(self, **kwargs):
@@ -231,15 +236,15 @@ class ChatComparison:
 
 def compare_chat(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
-    edit: Callable[[], AbstractContextManager] | None = None,
+    edit: Callable[[], AbstractContextManager[Any]] | None = None,
     steer: Mapping[str, Variant] | Sequence[Variant] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> ChatComparison:
     """The usual three columns: ``original``, ``edited`` (``edit()``: e.g. ``lambda: hl.ablate(model, r)``)
     and ``steered`` (a dropdown of ``steer`` variants with their sliders)."""
-    columns: dict = {"original": None}
+    columns: dict[str, Variant | list[Variant] | None] = {"original": None}
     if edit is not None:
         columns["edited"] = Variant("edited", lambda: edit())
     if steer:

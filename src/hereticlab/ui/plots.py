@@ -10,10 +10,21 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..measure.geometry import BAD, GOOD, Projection, interpolate_frames, weiszfeld_median
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    import pandas as pd
+    from matplotlib.animation import Animation, FuncAnimation
+    from matplotlib.axes import Axes
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+
+# ((x_min, x_max), (y_min, y_max)) of a scatter
+Limits = tuple[tuple[float, float], tuple[float, float]]
 
 
 @dataclass
@@ -28,16 +39,18 @@ class ScatterStyle:
     show_medians: bool = True
     show_means: bool = False
     legend: bool = True
-    extra: dict = field(default_factory=dict)  # passed to ax.scatter
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to ax.scatter
 
-    def but(self, **changes) -> ScatterStyle:
+    def but(self, **changes: Any) -> ScatterStyle:
         return replace(self, **changes)
 
 
 DEFAULT_STYLE = ScatterStyle()
 
 
-def new_figure(figsize=(5, 4.5), nrows: int = 1, ncols: int = 1, **subplots_kwargs):
+def new_figure(
+    figsize: tuple[float, float] = (5, 4.5), nrows: int = 1, ncols: int = 1, **subplots_kwargs: Any
+) -> tuple[Figure, Any]:
     """A ``Figure`` already closed in pyplot (shown once when returned from a notebook cell, nothing left open) and
     its axes (``squeeze`` as in ``plt.subplots``). Made through pyplot so that the notebook backend (and its PNG
     display hook for figures) is activated."""
@@ -60,7 +73,7 @@ def _figure(ax=None, figsize=(5, 4.5)):
     return new_figure(figsize)
 
 
-def _limits(coords: np.ndarray, pad: float = 0.08) -> tuple[tuple[float, float], tuple[float, float]]:
+def _limits(coords: np.ndarray, pad: float = 0.08) -> Limits:
     flat = coords.reshape(-1, 2)
     lo, hi = flat.min(0), flat.max(0)
     span = np.maximum(hi - lo, 1e-9)
@@ -69,8 +82,12 @@ def _limits(coords: np.ndarray, pad: float = 0.08) -> tuple[tuple[float, float],
 
 
 def draw_points(
-    ax, xy: np.ndarray, labels: np.ndarray, style: ScatterStyle = DEFAULT_STYLE, highlight: Sequence[int] = ()
-):
+    ax: Axes,
+    xy: np.ndarray,
+    labels: np.ndarray,
+    style: ScatterStyle = DEFAULT_STYLE,
+    highlight: Sequence[int] = (),
+) -> list[PathCollection]:
     """Draw both classes' points ``xy [n, 2]`` (and their 2-D centres) on ``ax``; returns the two scatter artists."""
     artists = []
     for cls in (GOOD, BAD):
@@ -112,13 +129,13 @@ def plot_layer(
     proj: Projection,
     layer: int,
     *,
-    ax=None,
+    ax: Axes | None = None,
     style: ScatterStyle = DEFAULT_STYLE,
     title: str | None = None,
     highlight: Sequence[int] = (),
-    limits=None,
-    figsize=(5, 4.5),
-):
+    limits: Limits | None = None,
+    figsize: tuple[float, float] = (5, 4.5),
+) -> Figure:
     """Scatter of both classes at one layer of a ``Projection`` (★ = 2-D geometric medians, X = means)."""
     fig, ax = _figure(ax, figsize)
     draw_points(ax, proj.at(layer), proj.labels, style, highlight)
@@ -141,7 +158,7 @@ def plot_layers(
     style: ScatterStyle = DEFAULT_STYLE,
     panel_size: float = 2.6,
     suptitle: str | None = None,
-):
+) -> Figure:
     """A grid of per-layer scatters (default: every layer) with a single legend."""
     layers = list(proj.layers if layers is None else layers)
     ncols = max(1, min(ncols, len(layers)))
@@ -166,8 +183,8 @@ def plot_before_after(
     titles: tuple[str, str] = ("original", "edited"),
     style: ScatterStyle = DEFAULT_STYLE,
     panel_size: float = 2.6,
-    tables=None,
-):
+    tables: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+) -> Figure:
     """Two rows of scatters, original on top and edited below, for the same ``layers`` (default: up to 6 evenly
     spaced). ``tables``: optional ``(df_before, df_after)`` geometry tables; their silhouette goes in the titles."""
     if layers is None:
@@ -190,15 +207,15 @@ def plot_before_after(
 
 
 def plot_geometry(
-    df,
+    df: pd.DataFrame | dict[str, pd.DataFrame],
     columns: Sequence[str] | str = ("silhouette", "S(g,b)", "quality", "probe_acc"),
     *,
-    ax=None,
+    ax: Axes | None = None,
     mark: float | None = None,
-    figsize=(7, 3.5),
+    figsize: tuple[float, float] = (7, 3.5),
     title: str | None = None,
-    **plot_kwargs,
-):
+    **plot_kwargs: Any,
+) -> Figure:
     """Line plots of geometry-table columns against layer (one line per column; ``mark``: a vertical line, e.g.
     the ablated direction's layer). Accepts a ``geometry_table`` DataFrame or a dict name → DataFrame (one line
     style per table, e.g. original vs edited)."""
@@ -232,9 +249,9 @@ def animate_layers(
     interval: int = 80,
     hold: int = 3,
     style: ScatterStyle = DEFAULT_STYLE,
-    figsize=(5, 4.5),
+    figsize: tuple[float, float] = (5, 4.5),
     title: str = "layer {layer:.1f}",
-):
+) -> FuncAnimation:
     """An animation across layers with ``steps`` interpolated frames per transition and ``hold`` extra frames on
     each real layer. Axis limits are fixed over all layers. Returns ``matplotlib.animation.FuncAnimation``;
     save it with ``save_animation`` (GIF/MP4) or show it with ``anim.to_jshtml()``."""
@@ -297,7 +314,7 @@ def ffmpeg_available() -> bool:
     return animation.writers.is_available("ffmpeg")
 
 
-def save_animation(anim, path: str | Path, *, fps: int = 12, dpi: int = 80) -> Path | None:
+def save_animation(anim: Animation, path: str | Path, *, fps: int = 12, dpi: int = 80) -> Path | None:
     """Write ``anim`` to ``path``: ``.gif`` with Pillow, ``.mp4`` with ffmpeg. Without ffmpeg an MP4 request is
     skipped with a warning and ``None`` is returned."""
     from matplotlib.animation import FFMpegWriter, PillowWriter
@@ -320,7 +337,7 @@ def save_animation(anim, path: str | Path, *, fps: int = 12, dpi: int = 80) -> P
     raise ValueError(f"unsupported animation format {path.suffix!r}; use .gif or .mp4")
 
 
-def figure_png(fig, dpi: int = 90, close: bool = True) -> bytes:
+def figure_png(fig: Figure, dpi: int = 90, close: bool = True) -> bytes:
     """PNG bytes of a figure (closing it by default)."""
     import io
 

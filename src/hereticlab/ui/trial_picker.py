@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import optuna
 import pandas as pd
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..core.generation import generate
 from ..directions.base import Directions
@@ -21,15 +25,15 @@ class TrialPicker:
 
     def __init__(
         self,
-        study,
-        model,
-        tokenizer,
+        study: optuna.Study,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
         directions: Directions | Mapping[str, Directions],
         prompts: Sequence[str],
         *,
         max_new_tokens: int = 48,
-        **chat_kwargs,
-    ):
+        **chat_kwargs: Any,
+    ) -> None:
         import ipywidgets as w
 
         self.study, self.model, self.tokenizer, self.directions = study, model, tokenizer, directions

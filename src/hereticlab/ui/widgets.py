@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..measure.geometry import Projection, style_geometry_table
 from .plots import DEFAULT_STYLE, ScatterStyle, _limits, draw_points, figure_png, new_figure
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 def _ipympl_active() -> bool:
@@ -38,28 +43,28 @@ class GeometryExplorer:
     def __init__(
         self,
         proj: Projection,
-        table=None,
+        table: pd.DataFrame | None = None,
         *,
         edited: Projection | None = None,
-        edited_table=None,
+        edited_table: pd.DataFrame | None = None,
         prompts: Sequence[str] | None = None,
         style: ScatterStyle = DEFAULT_STYLE,
         k_nearest: int = 6,
         layer: int | None = None,
         fixed_limits: bool = True,
-        figsize=(5.2, 4.4),
+        figsize: tuple[float, float] = (5.2, 4.4),
         dpi: int = 80,
         interactive: bool | None = None,
         play_interval: int = 600,
-    ):
+    ) -> None:
         import ipywidgets as w
 
         if edited is not None and (
             edited.coords.shape != proj.coords.shape or list(edited.layers) != list(proj.layers)
         ):
             raise ValueError("the edited projection must have the same layers and points as the original")
-        self.projections = {"original": proj, "edited": edited}
-        self.tables = {"original": table, "edited": edited_table}
+        self.projections: dict[str, Projection | None] = {"original": proj, "edited": edited}
+        self.tables: dict[str, pd.DataFrame | None] = {"original": table, "edited": edited_table}
         n = len(proj.labels)
         prompts = list(prompts) if prompts is not None else (proj.prompts or [f"point {i}" for i in range(n)])
         if len(prompts) != n:
@@ -71,7 +76,7 @@ class GeometryExplorer:
         self.fixed_limits = fixed_limits
         self.selected: int | None = None
         self.render_count = 0
-        self.figure = None
+        self.figure: Figure | None = None
         self.interactive = _ipympl_active() if interactive is None else interactive
 
         layers = list(proj.layers)
@@ -143,7 +148,7 @@ class GeometryExplorer:
 
     @property
     def layers(self) -> list[int]:
-        return list(self.projections["original"].layers)
+        return list(self._projection_of("original").layers)
 
     @property
     def layer(self) -> int:
@@ -152,10 +157,17 @@ class GeometryExplorer:
 
     @property
     def projection(self) -> Projection:
-        return self.projections[self.source.value]
+        return self._projection_of(self.source.value)
+
+    def _projection_of(self, source: str) -> Projection:
+        """The ``"original"`` or ``"edited"`` projection (``ValueError`` for an edited one that was not given)."""
+        proj = self.projections[source]
+        if proj is None:
+            raise ValueError(f"no {source} projection was given to the explorer (pass edited=...)")
+        return proj
 
     @property
-    def table(self):
+    def table(self) -> pd.DataFrame | None:
         return self.tables[self.source.value]
 
     def set_layer(self, layer: int) -> None:
@@ -176,7 +188,8 @@ class GeometryExplorer:
         """``(point, 2-D distance)`` of the ``k`` nearest other points at the current layer."""
         k = self.k_nearest if k is None else k
         xy = self.projection.at(self.layer)
-        order = self.projection.nearest(self.layer, *xy[index], k=k + 1)
+        x, y = xy[index]
+        order = self.projection.nearest(self.layer, x, y, k=k + 1)
         d = np.linalg.norm(xy - xy[index], axis=1)
         return [(int(j), float(d[j])) for j in order if j != index][:k]
 
@@ -308,6 +321,6 @@ class GeometryExplorer:
         return bundle
 
 
-def explore(proj: Projection, table=None, **kwargs) -> GeometryExplorer:
+def explore(proj: Projection, table: pd.DataFrame | None = None, **kwargs: Any) -> GeometryExplorer:
     """Build a ``GeometryExplorer`` (display it as the last expression of a cell)."""
     return GeometryExplorer(proj, table, **kwargs)
