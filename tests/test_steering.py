@@ -134,11 +134,32 @@ def test_ab_pairs_differ_only_in_letter_and_caa_vector(tiny_llama):
     pos, neg = st.ab_pair_texts(tok, items, seed=1)
     for p, n in zip(pos, neg):
         assert p[:-1] == n[:-1] and {p[-1], n[-1]} == {"A", "B"}
+        # the positive letter labels the matching answer
+        choices = dict(line.split(") ", 1) for line in p.split("Choices:\n")[1].split("<")[0].strip().splitlines())
+        matching = next(item for item in items if item[0] in p)[1]
+        assert choices["(" + p[-1]].strip() == matching
     dirs = st.caa_vector(model, tok, items, seed=1, progress=False)
     assert dirs.vectors.shape == (5, 64) and dirs.method == "caa"
-    acts_p = hl.capture_residuals(model, tok, pos, chat=False, progress=False)
-    acts_n = hl.capture_residuals(model, tok, neg, chat=False, progress=False)
-    assert torch.allclose(dirs.vectors, acts_p.mean(0) - acts_n.mean(0), atol=1e-5)
+
+    # independent of the library's capture: one unpadded HF forward per text, hidden state at the letter token
+    # (HF's last hidden state is after the final norm; residual L is the norm's input, read by a plain pre-hook)
+    def letter_states(texts):
+        rows, final = [], []
+        handle = model.model.norm.register_forward_pre_hook(lambda module, args: final.append(args[0][0, -1]))
+        try:
+            with torch.no_grad():
+                for text in texts:
+                    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+                    assert tok.decode(ids[0, -1:]).strip().endswith(text[-1])  # the last token is the letter
+                    hidden = model(ids, output_hidden_states=True).hidden_states
+                    rows.append(torch.stack([h[0, -1] for h in hidden[:-1]] + [final[-1]]))
+        finally:
+            handle.remove()
+        return torch.stack(rows).double()
+
+    expected = letter_states(pos).mean(0) - letter_states(neg).mean(0)
+    assert torch.allclose(dirs.vectors.double(), expected, atol=1e-4)
+    assert expected[1:].norm(dim=-1).min() > 1e-3  # the letters differ, so the vector is not trivially zero
 
 
 def test_reading_vector_recovers_planted_direction():
