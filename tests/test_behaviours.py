@@ -153,3 +153,37 @@ def test_refusal_behaviour_carries_what_the_runner_needs():
     assert b.decided(["I cannot help with that", "", "<think>I cannot"]) == [True, False, False]
     assert b.is_present(["I cannot help with that", "", "Sure!"]) == [True, True, False]
     assert get_behaviour("verbosity").objective_is_mean and get_behaviour("verbosity").detector is None
+
+
+def test_run_settings_lengths_and_log_names():
+    """Refusal takes a run's prompts, split and lengths (run_settings); the style presets bring their own."""
+    refusal, slop = get_behaviour("refusal"), get_behaviour("slop")
+    assert refusal.run_settings and not any(get_behaviour(n).run_settings for n in PRESETS[1:])
+    assert (refusal.counted, refusal.label) == ("refusals", "refusals")
+    assert (slop.counted, slop.label) == ("responses with slop", "slop")
+    for b in (refusal, slop):  # decide_after / final_new_tokens default to the cap
+        assert b.search_decide_after == b.report_new_tokens == b.max_new_tokens
+    short = refusal.with_sets(decide_after=4, max_new_tokens=100, final_new_tokens=64, n_train=12)
+    assert (short.search_decide_after, short.max_new_tokens, short.report_new_tokens) == (4, 100, 64)
+    assert len(short.train_pair(0)[0]) == 12 and short.train_pair(0)[0].prompts == (
+        hl.load_prompts("harmful").split(train=12, seed=0)[0].prompts
+    )
+
+
+def test_refusal_behaviour_judges_like_its_marker_detector():
+    from hereticlab.measure.metrics import MarkerDetector
+
+    texts = [
+        "I'm sorry, I can't help.",
+        "Sure, here it is.",
+        "",
+        "<think>I cannot</think>Sure.",
+        "<think>hmm",
+        "As an AI",
+    ]
+    markers, refusal = MarkerDetector(), get_behaviour("refusal")
+    assert refusal.is_present(texts) == markers(texts) == markers.detect(texts).decisions
+    assert refusal.decided(texts) == [bool(markers.decided(t)) for t in texts]
+    assert refusal.score(texts) == markers.detect(texts).scores
+    assert [markers.is_refusal(t) for t in texts] == markers(texts)  # the 0.1 aliases still agree
+    assert [markers.matched(t) for t in texts] == [bool(markers.decided(t)) for t in texts]

@@ -264,3 +264,58 @@ def test_mean_objective_behaviour_minimizes_the_mean_score():
     assert first.values == [pytest.approx(3.0), pytest.approx(0.05)]  # (3 + 5 + 1) / 3 words
     assert first.user_attrs["refusals"] == pytest.approx(3.0) and first.user_attrs["present"] == 1
     assert pruned.values[0] == 50.0 and pruned.user_attrs["refusals"] is None
+
+
+def test_refusal_is_a_behaviour_that_takes_the_run_settings(tmp_path):
+    """The run's prompts (--harmful/--harmless/--system-prompt), split (--train-prompts) and lengths reach refusal."""
+    from hereticlab.measure.behaviours import get_behaviour
+    from hereticlab.search.runner import prompt_splits, run_behaviour
+
+    harmful = tmp_path / "bad.txt"
+    harmful.write_text("\n".join(f"Do bad thing number {i}" for i in range(20)))
+    config = RunConfig(**{**TINY, "harmful": str(harmful), "system_prompt": "Be brief.", "split_seed": 1})
+    behaviour = run_behaviour(config)
+    assert behaviour.name == "refusal" and behaviour.early_stop_safe
+    assert (behaviour.search_decide_after, behaviour.max_new_tokens, behaviour.report_new_tokens) == (4, 6, 4)
+    splits = prompt_splits(config, behaviour)
+    for side, source in (("bad", str(harmful)), ("good", "harmless")):
+        train, evaluation = hl.load_prompts(source, system_prompt="Be brief.").split(train=12, seed=1)
+        expected = {"train": train, "search": evaluation[:4], "test": evaluation[4:]}
+        for part, prompts in expected.items():
+            got = splits[f"{side}_{part}"]
+            assert got.prompts == prompts.prompts and got.system_prompt == "Be brief.", (side, part)
+    # a style preset keeps its own prompts, split and lengths
+    slop = run_behaviour(RunConfig(**{**TINY, "behaviour": "slop"}))
+    preset = get_behaviour("slop")
+    assert slop.max_new_tokens == slop.search_decide_after == slop.report_new_tokens == preset.max_new_tokens
+    assert slop.train_pair(0)[0].prompts == preset.train_pair(0)[0].prompts
+    with pytest.raises(hl.search.SearchError, match="need more than --train-prompts=19"):
+        run_behaviour(RunConfig(**{**TINY, "harmful": str(harmful), "train_prompts": 19}))
+
+
+def test_behaviour_detector_is_a_detector():
+    from hereticlab.measure.behaviours import get_behaviour
+    from hereticlab.measure.detectors import Detector
+    from hereticlab.measure.metrics import MarkerDetector
+    from hereticlab.search.runner import BehaviourDetector
+
+    texts = ["I'm sorry, I can't help.", "Sure, here it is.", "", "<think>I cannot</think>Sure.", "<think>hmm"]
+    markers, refusal = MarkerDetector(), BehaviourDetector(get_behaviour("refusal"))
+    assert isinstance(refusal, Detector) and refusal.early_stop_safe
+    assert refusal.detect(texts).decisions == refusal(texts) == markers.detect(texts).decisions
+    assert refusal.detect(texts).scores == markers.detect(texts).scores
+    assert [refusal.decided(t) for t in texts] == [markers.decided(t) for t in texts]
+    # the names search/evaluator.py calls (until it uses the protocol) give the same decisions
+    assert [refusal.is_refusal(t) for t in texts] == markers(texts)
+    assert [bool(refusal.matched(t)) for t in texts] == [markers.matched(t) for t in texts]
+    verbosity = BehaviourDetector(get_behaviour("verbosity"))
+    assert isinstance(verbosity, Detector) and not hasattr(verbosity, "matched")
+    # decided (≥ 80 words is final) differs from early_stop_safe (the mean-words objective needs whole responses)
+    assert verbosity.decided("word " * 500) is True and verbosity.decided("a b") is None
+    assert verbosity.detect(["a b"]).scores == [2.0]
+
+
+def test_run_record_has_the_behaviour_measure(finished_run):
+    test = finished_run.record["test"]
+    assert test["max_new_tokens"] == TINY["final_new_tokens"]
+    assert test["measure_before"] == test["refusals_before"] and test["measure_after"] == test["refusals_after"]

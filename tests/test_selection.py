@@ -241,3 +241,24 @@ def test_judge_refusals_is_refusal_rate_with_early_stopping(tiny_llama):
     assert early["refused"].tolist() == full["refused"].tolist() and early["refused"].any()
     assert all(full["response"][i].startswith(r) for i, r in enumerate(early["response"]))
     assert len(early["response"][0]) < len(full["response"][0])
+
+
+def test_selection_adds_at_resid_without_the_deprecated_layer_keyword(tiny_llama):
+    import warnings
+
+    from hereticlab.measure.selection import evaluate_direction
+
+    model, tok = tiny_llama
+    dirs = candidate_directions(model, tok, PROMPTS[:3], PROMPTS[3:], positions=[-1])
+    r = dirs[-1].vectors[2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame, _ = score_candidates(model, tok, dirs, PROMPTS[:3], PROMPTS[3:], layers=[2])
+        kw = dict(max_new_tokens=2, batch_size=4)
+        last = evaluate_direction(model, tok, r, -1, PROMPTS[:2], PROMPTS[3:], **kw)
+        explicit = evaluate_direction(model, tok, r, hl.num_layers(model) - 1, PROMPTS[:2], PROMPTS[3:], **kw)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning) and "layer" in str(w.message)]
+    with hl.activation_addition(model, r, resid=2):
+        expected = refusal_metric(model, tok, PROMPTS[3:]).mean()
+    assert frame.induce.item() == pytest.approx(float(expected), abs=1e-5)
+    assert last["metric_added"] == explicit["metric_added"]  # layer=-1 is the input of the last block

@@ -24,8 +24,17 @@ Interface used by the search and the CLI::
                                                  # is_present(prefix): a blank prefix or an unfinished <think>
                                                  # block counts as a refusal in is_present but may still become
                                                  # an answer. decided(t) implies is_present(t + anything).
-    b.max_new_tokens    # suggested generation length for measuring the behaviour
+    b.max_new_tokens    # suggested generation length for measuring the behaviour (the search's hard cap)
+    b.search_decide_after  # clean tokens after which the search counts a row as decided negative
+                           # (``decide_after``; None = ``max_new_tokens``, i.e. decode to the cap)
+    b.report_new_tokens    # generation length of a run's held-out report
+                           # (``final_new_tokens``; None = ``max_new_tokens``)
     b.unit              # what measure() returns, for tables ("refusals", "words", ...)
+    b.counted, b.label  # how logs name a count: "refusals" / "refusals" (``noun``), else
+                        # "responses with slop" / "slop"
+    b.run_settings      # True: a search run gives it the run's prompts, split and lengths (refusal:
+                        # --harmful, --harmless, --system-prompt, --train-prompts, --decide-after, ...);
+                        # False: it brings its own (the style presets)
 
 ``train_pair`` / ``eval_pair`` use the same ``seed`` to cut *disjoint* train and eval parts of each set; for the
 style behaviours the bad and good sets hold the same questions (only the system prompt differs), and the
@@ -44,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..core.prompts import PromptError, PromptSet, _bundled_prompt_dirs, load_prompts
-from .detectors import answer_text, decided_many, prepare_response
+from .detectors import Detector, answer_text, decided_many, prepare_response
 from .metrics import MarkerDetector, normalize_text
 
 Scorer = Callable[[Sequence[str]], list[float]]
@@ -88,7 +97,7 @@ class PhraseScorer:
     hits. Hits only accumulate as text grows, so ``present`` is monotone in the prefix.
     """
 
-    def __init__(self, phrases: Sequence[str], *, min_hits: int = 2, per_words: int | None = 100):
+    def __init__(self, phrases: Sequence[str], *, min_hits: int = 2, per_words: int | None = 100) -> None:
         self.phrases = tuple(phrases)
         parts = []
         for phrase in sorted({normalize_text(p) for p in self.phrases if p.strip()}, key=len, reverse=True):
@@ -130,7 +139,7 @@ class PhraseScorer:
 class LengthScorer:
     """Score = words in the answer; present = at least ``min_words`` words."""
 
-    def __init__(self, min_words: int = 80):
+    def __init__(self, min_words: int = 80) -> None:
         self.min_words = min_words
 
     def score(self, texts: Sequence[str]) -> list[float]:
@@ -156,6 +165,12 @@ class Behaviour:
     class for directions (an int, or a fraction below 1), the rest of each set is the eval part (``n_eval``
     caps it). ``scorer`` gives per-text scores, ``decider`` per-text decisions. ``count``: ``"present"`` (the
     objective is the number of texts where the behaviour is present) or ``"mean"`` (the mean score).
+
+    Lengths: ``max_new_tokens`` caps generation; ``decide_after`` (clean tokens after which a search row counts
+    as decided negative) and ``final_new_tokens`` (a run's held-out report) default to it. ``run_settings``: a
+    search run replaces the prompt sets, ``n_train`` and the three lengths with its own settings (refusal); the
+    style presets keep theirs. ``noun``: the plural noun logs use for a count ("refusals"); ``None`` = "responses
+    with <name>".
     """
 
     name: str
@@ -172,13 +187,37 @@ class Behaviour:
     unit: str = "texts"
     description: str = ""
     meta: dict = field(default_factory=dict)
-    detector: object | None = None
+    detector: Detector | None = None
+    decide_after: int | None = None
+    final_new_tokens: int | None = None
+    run_settings: bool = False
+    noun: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.count not in ("present", "mean"):
             raise ValueError(f"count must be 'present' or 'mean', not {self.count!r}")
         if self.early_stop_safe and (self.stopper is None or self.count != "present"):
             raise ValueError("early_stop_safe needs a monotone stopper and count='present'")
+
+    @property
+    def search_decide_after(self) -> int:
+        """Clean tokens after which the search counts a row as decided negative (``decide_after``, else the cap)."""
+        return self.max_new_tokens if self.decide_after is None else self.decide_after
+
+    @property
+    def report_new_tokens(self) -> int:
+        """Generation length of a run's held-out report (``final_new_tokens``, else ``max_new_tokens``)."""
+        return self.max_new_tokens if self.final_new_tokens is None else self.final_new_tokens
+
+    @property
+    def counted(self) -> str:
+        """What a count is called in logs: ``noun`` ("refusals"), else "responses with <name>"."""
+        return self.noun or f"responses with {self.name}"
+
+    @property
+    def label(self) -> str:
+        """The short name of the behaviour in logs: ``noun`` ("refusals"), else its name."""
+        return self.noun or self.name
 
     @property
     def objective_is_mean(self) -> bool:
@@ -224,8 +263,8 @@ class Behaviour:
         scores = self.score(texts)
         return sum(scores) / max(len(scores), 1)
 
-    def with_sets(self, bad: PromptSet | None = None, good: PromptSet | None = None, **changes) -> Behaviour:
-        """A copy with other prompt sets or settings (e.g. ``max_new_tokens``)."""
+    def with_sets(self, bad: PromptSet | None = None, good: PromptSet | None = None, **changes: object) -> Behaviour:
+        """A copy with other prompt sets or settings (e.g. ``max_new_tokens``, ``n_train``, ``decide_after``)."""
         return replace(
             self, bad=bad if bad is not None else self.bad, good=good if good is not None else self.good, **changes
         )
@@ -263,11 +302,19 @@ def questions(name: str = "questions.txt") -> PromptSet:
     return load_prompts(read_list(name), name="questions")
 
 
-def refusal_behaviour(detector=None) -> Behaviour:
+def refusal_behaviour(detector: Detector | None = None) -> Behaviour:
     """Harmful vs harmless prompts; refusals detected by ``detector`` (default ``MarkerDetector()``, the
-    evaluator's detector). ``behaviour.detector`` holds it, for the trial evaluator."""
+    evaluator's detector). ``behaviour.detector`` holds it, for the trial evaluator.
+
+    ``run_settings``: ``hereticlab run`` replaces the prompt sets (``--harmful`` / ``--harmless`` with
+    ``--system-prompt``), ``n_train`` (``--train-prompts``) and the lengths (``--decide-after``,
+    ``RunConfig.max_new_tokens`` / ``final_new_tokens``) with its own settings (``search.runner.run_behaviour``)."""
     detector = detector or MarkerDetector()
-    decide = lambda texts: list(detector(texts))  # noqa: E731
+
+    def decide(texts: Sequence[str]) -> list[bool]:
+        detect = getattr(detector, "detect", None)  # the Detector protocol; a plain callable judge also works
+        return list(detect(list(texts)).decisions) if detect is not None else list(detector(texts))
+
     can_decide = getattr(detector, "decided", None) is not None
     stopper = (lambda texts: decided_many(detector, texts)) if can_decide else None
     return Behaviour(
@@ -283,6 +330,8 @@ def refusal_behaviour(detector=None) -> Behaviour:
         max_new_tokens=48,
         n_train=200,
         unit="refusals",
+        noun="refusals",
+        run_settings=True,
         description="Refusing harmful requests (harmful vs harmless prompts; marker detector).",
         meta={"detector": getattr(detector, "name", type(detector).__name__)},
     )
@@ -293,20 +342,20 @@ def _with_suffix(prompts: PromptSet, suffix: str) -> PromptSet:
 
 
 def _style_behaviour(
-    name,
-    bad_system,
-    good_system,
-    scorer,
+    name: str,
+    bad_system: str,
+    good_system: str,
+    scorer: PhraseScorer | LengthScorer,
     *,
-    count,
-    early_stop_safe,
-    max_new_tokens,
-    unit,
-    description,
-    meta,
+    count: str,
+    early_stop_safe: bool,
+    max_new_tokens: int,
+    unit: str,
+    description: str,
+    meta: dict,
     bad_suffix: str = "",
     good_suffix: str = "",
-):
+) -> Behaviour:
     """The same questions under a behaviour-eliciting and a discouraging system prompt (and optional request
     suffixes in the user turn: small models follow a request there more readily than a system prompt)."""
     base = questions()
@@ -403,7 +452,7 @@ def register(behaviour: Behaviour | Callable[[], Behaviour], name: str | None = 
     BEHAVIOURS[name or (behaviour.name if isinstance(behaviour, Behaviour) else behaviour.__name__)] = factory
 
 
-def get_behaviour(name: str | Behaviour = "refusal", **options) -> Behaviour:
+def get_behaviour(name: str | Behaviour = "refusal", **options: object) -> Behaviour:
     """A behaviour by name (``BEHAVIOURS``; ``options`` go to the preset's factory), or a ``Behaviour`` as is."""
     if isinstance(name, Behaviour):
         return name

@@ -17,9 +17,10 @@ from contextlib import AbstractContextManager, nullcontext
 import pandas as pd
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..core import compat
-from ..core.capture import auto_batch_size, model_device
+from ..core.capture import auto_batch_size, encode_ids, model_device, pad_id
 from ..core.prompts import PromptSet, format_chat
 from .metrics import MarkerDetector, generate_and_judge
 
@@ -30,21 +31,24 @@ def _context(intervention: Intervention) -> AbstractContextManager:
     return nullcontext() if intervention is None else intervention()
 
 
-def _teacher_forced_batch(tokenizer, prompt_texts: Sequence[str], response_ids: Sequence[list[int]], device):
-    """Left-padded ``prompt + response`` ids; returns the batch and, per row, the response length ``K_i``."""
+def _teacher_forced_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_texts: Sequence[str],
+    response_ids: Sequence[list[int]],
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + response`` ids (``core.capture.encode_ids``, the one batch builder)."""
     seqs = [tokenizer.encode(p, add_special_tokens=False) + list(r) for p, r in zip(prompt_texts, response_ids)]
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+    return encode_ids(seqs, pad_id(tokenizer), device)
 
 
-def _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs):
+def _prepare(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str] | PromptSet,
+    responses: Sequence[str] | str,
+    max_tokens: int,
+    chat_kwargs: dict[str, object],
+) -> tuple[list[str], list[list[int]], int]:
     prompt_texts = format_chat(tokenizer, prompts, **chat_kwargs)
     if isinstance(responses, str):
         responses = [responses] * len(prompt_texts)
@@ -54,7 +58,9 @@ def _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs):
     return prompt_texts, resp_ids, max(1, max(len(r) for r in resp_ids))
 
 
-def _batch_logprobs(model, tokenizer, texts, rids, K):
+def _batch_logprobs(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]], K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logprobs [b, K, vocab]`` at the teacher-forced response positions, ``valid [b, K]``, ``targets [b, K]``."""
     batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
     logits = compat.forward(model, batch, last=K + 1)[0].float()  # the last K+1 positions
@@ -77,13 +83,13 @@ def _batch_logprobs(model, tokenizer, texts, rids, K):
 @torch.no_grad()
 def response_logprobs(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     responses: Sequence[str] | str,
     *,
     max_tokens: int = 32,
     batch_size: int | None = None,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probs at each teacher-forced response position.
 
@@ -104,7 +110,7 @@ def response_logprobs(
 @torch.no_grad()
 def per_position_kl(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     responses: Sequence[str] | str,
     intervention: Intervention,
@@ -112,7 +118,7 @@ def per_position_kl(
     max_tokens: int = 32,
     batch_size: int | None = None,
     baseline: Intervention = None,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> pd.DataFrame:
     """Safety-depth curve: mean ``KL(orig ‖ edited)`` at each response position ``k`` (teacher-forced).
 
@@ -147,14 +153,14 @@ def per_position_kl(
 @torch.no_grad()
 def response_nll(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     responses: Sequence[str] | str,
     intervention: Intervention = None,
     *,
     max_tokens: int = 32,
     batch_size: int | None = None,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> torch.Tensor:
     """Mean negative log-likelihood per response token ``[n]`` (teacher-forced cross-entropy) under ``intervention``.
 
@@ -175,7 +181,7 @@ def response_nll(
 @torch.no_grad()
 def prefill_refusal(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     responses: Sequence[str] | str,
     *,
@@ -184,7 +190,7 @@ def prefill_refusal(
     detector: Callable[[Sequence[str]], list[bool]] | None = None,
     max_new_tokens: int = 24,
     batch_size: int | None = None,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> pd.DataFrame:
     """Refusal rate when the first ``k`` tokens of ``responses`` are forced as the start of the answer.
 

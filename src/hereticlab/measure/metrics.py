@@ -5,16 +5,23 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..core import compat
 from ..core.capture import auto_batch_size, batched, chat_texts, encode, model_device
 from ..core.generation import eos_token_ids, generate, greedy_decode  # noqa: F401 (generate: 0.1 name)
 from ..core.prompts import PromptSet, strip_thinking
+
+if TYPE_CHECKING:  # detectors imports this module
+    from .detectors import DetectionResult
+
+Judge = Callable[[Sequence[str]], list[bool]]  # a detector called on texts: one decision per text
 
 # Arditi et al. / JailbreakBench substrings, plus a few common refusal openings; all compared normalized.
 ARDITI_MARKERS = (
@@ -82,42 +89,50 @@ class MarkerDetector:
     strip_reasoning: bool = True
     _normalized: tuple[str, ...] = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._normalized = tuple(normalize_text(m) for m in self.markers)
 
-    def is_refusal(self, text: str) -> bool:
-        if self.strip_reasoning:
-            text = strip_thinking(text)
-        norm = normalize_text(text)
+    def _normalized_answer(self, text: str) -> str:
+        return normalize_text(strip_thinking(text) if self.strip_reasoning else text)
+
+    def _refused(self, text: str) -> bool:
+        norm = self._normalized_answer(text)
         return not norm or any(m in norm for m in self._normalized)
+
+    def _marker_found(self, text: str) -> bool:
+        norm = self._normalized_answer(text)
+        return any(m in norm for m in self._normalized)
+
+    def is_refusal(self, text: str) -> bool:
+        """The decision on one text. Kept for one release: use ``detect([text])`` (the Detector protocol)."""
+        return self._refused(text)
 
     def matched(self, text: str) -> bool:
         """A marker occurs (ignores emptiness). Kept for one release: use ``decided(text)`` (the Detector protocol)."""
-        norm = normalize_text(strip_thinking(text) if self.strip_reasoning else text)
-        return any(m in norm for m in self._normalized)
+        return self._marker_found(text)
 
     name = "markers"
     early_stop_safe = True
 
     def decided(self, text: str) -> bool | None:
         """``True`` once a marker occurs (no continuation can undo it), else ``None`` (not decided yet)."""
-        return True if self.matched(text) else None
+        return True if self._marker_found(text) else None
 
-    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None):
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
         """The ``Detector`` protocol: a ``DetectionResult`` with 1.0/0.0 scores (``prompts`` is ignored)."""
         from .detectors import DetectionResult
 
-        decisions = [self.is_refusal(t) for t in texts]
+        decisions = [self._refused(t) for t in texts]
         return DetectionResult(decisions, [float(d) for d in decisions])
 
     def __call__(self, texts: Sequence[str]) -> list[bool]:
-        return [self.is_refusal(t) for t in texts]
+        return [self._refused(t) for t in texts]
 
 
-def early_stop_test(detector, tokenizer) -> Callable[[int, list[int]], bool] | None:
+def early_stop_test(detector: object, tokenizer: PreTrainedTokenizerBase) -> Callable[[int, list[int]], bool] | None:
     """A ``greedy_decode`` ``stop(row, tokens)`` that ends a row once ``detector.decided(text)`` is True (no longer
     text can change the decision); ``None`` for a detector that cannot decide early (a plain callable)."""
-    decide = getattr(detector, "decided", None) or getattr(detector, "matched", None)
+    decide = getattr(detector, "decided", None) or getattr(detector, "matched", None)  # matched: pre-protocol
     if decide is None:
         return None
     return lambda row, toks: bool(decide(tokenizer.decode(toks, skip_special_tokens=True)))
@@ -126,10 +141,10 @@ def early_stop_test(detector, tokenizer) -> Callable[[int, list[int]], bool] | N
 @torch.no_grad()
 def generate_and_judge(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
-    detector=None,
+    detector: Judge | None = None,
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     early_stop: bool = False,
@@ -156,15 +171,15 @@ def generate_and_judge(
 
 def refusal_rate(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
-    detector: Callable[[Sequence[str]], list[bool]] | None = None,
+    detector: Judge | None = None,
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     early_stop: bool = False,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> pd.DataFrame:
     """Generate and judge: a DataFrame ``(prompt, response, refused)``; ``df.attrs['refusal_rate']`` holds the mean.
 
@@ -195,13 +210,13 @@ def refusal_rate(
 @torch.no_grad()
 def first_token_logprobs(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> torch.Tensor:
     """Log-probabilities of the first response token ``[prompt, vocab]`` (float32, CPU).
 
@@ -226,13 +241,13 @@ def kl_from_logprobs(baseline: torch.Tensor, current: torch.Tensor) -> torch.Ten
 
 def kl_divergence(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     baseline: torch.Tensor,
     batch_size: int | None = None,
     progress: bool = True,
-    **chat_kwargs,
+    **chat_kwargs: object,
 ) -> float:
     """Mean first-token ``KL(baseline ‖ model)`` over ``prompts``; ``baseline`` from ``first_token_logprobs``."""
     current = first_token_logprobs(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **chat_kwargs)

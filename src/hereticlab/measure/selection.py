@@ -210,7 +210,7 @@ def score_candidates(
         with ablation_hooks(model, r):
             lp_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
             lp_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
-        with activation_addition(model, r, layer=layer, alpha=1.0):
+        with activation_addition(model, r, resid=layer, alpha=1.0):  # the input of block ``layer``
             lp_induce = first_token_logprobs(model, tokenizer, harmless, **kw)
         rows.append(
             {
@@ -419,7 +419,9 @@ def evaluate_direction(
         ablation, addition = nullcontext(), nullcontext()
     else:
         ablation = ablation_hooks(model, direction)
-        addition = activation_addition(model, direction, layer=layer) if add and direction.ndim == 1 else None
+        # the input of block ``layer`` (a negative ``layer`` counts blocks from the end)
+        resid = layer if layer >= 0 else layer + len(find_layers(model))
+        addition = activation_addition(model, direction, resid=resid) if add and direction.ndim == 1 else None
     with ablation:
         out["refusal_ablated"] = judge_refusals(model, tokenizer, harmful, **kw).attrs["refusal_rate"]
         out["metric_ablated"] = float(

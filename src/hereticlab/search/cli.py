@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 
 def _one_line(text: str) -> str:
@@ -25,12 +26,12 @@ def _print_error(problem_and_fix: str) -> None:
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one ``hereticlab: error: …`` line (no usage block) and exit code 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         _print_error(f"{message}; see '{self.prog} --help'")
         raise SystemExit(2)
 
 
-def _run_parser(sub):
+def _run_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="search for the best ablation, then export it (the main job)")
     p.add_argument(
         "--model",
@@ -84,7 +85,7 @@ def _run_parser(sub):
     p.add_argument("--device", default=None)
 
 
-def _cmd_run(args) -> int:
+def _cmd_run(args: argparse.Namespace) -> int:
     from .validation import validate_run
 
     checked = validate_run(args)  # before the model is loaded or --out is touched
@@ -112,7 +113,8 @@ def _cmd_run(args) -> int:
         choose=args.trial,
         batch_size=args.batch_size,
         export=not args.no_export,
-        # An alias of refusal ("Refusal", "refusals") takes the refusal path, which honours --harmful/--harmless.
+        # Every behaviour runs the same way (search.runner.run_behaviour); an alias of refusal ("Refusal",
+        # "refusals") is recorded as "refusal" in settings.json / run.json, other names as typed.
         behaviour="refusal" if checked.behaviour == "refusal" else args.behaviour,
         dtype=args.dtype,
         device=args.device,
@@ -133,7 +135,7 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _cmd_replay(args) -> int:
+def _cmd_replay(args: argparse.Namespace) -> int:
     from .validation import validate_replay
 
     record = validate_replay(args)
@@ -146,7 +148,7 @@ def _cmd_replay(args) -> int:
     return 0 if same in (True, None) else 1
 
 
-def _cmd_evaluate(args) -> int:
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..core.models import load_model
     from ..core.prompts import load_prompts
     from ..measure.metrics import first_token_logprobs, kl_divergence, refusal_rate

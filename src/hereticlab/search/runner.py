@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -27,8 +27,10 @@ from ..core.models import load_model
 from ..core.prompts import PromptSet, load_prompts
 from ..directions.base import Directions
 from ..directions.methods import DIRECTION_METHODS, compute_directions
-from ..measure.metrics import MarkerDetector, first_token_logprobs, kl_divergence, refusal_rate
-from .evaluator import TrialEvaluator, tune_batch_size
+from ..measure.behaviours import Behaviour, get_behaviour
+from ..measure.detectors import DetectionResult
+from ..measure.metrics import first_token_logprobs, kl_divergence, refusal_rate
+from .evaluator import TrialEvaluator, TrialResult, tune_batch_size
 from .study import (
     SearchError,
     SearchSpace,
@@ -64,7 +66,13 @@ _IDENTITY_KEYS = (
 @dataclass
 class RunConfig:
     """Settings of one search run. Prompt counts are per class; the evaluation split is cut into a *search* part
-    (what trials are scored on) and a *test* part (never seen by the search; used for the final report)."""
+    (what trials are scored on) and a *test* part (never seen by the search; used for the final report).
+
+    ``behaviour``: a name from ``measure.behaviours`` (refusal by default). ``harmful`` / ``harmless`` /
+    ``system_prompt`` / ``train_prompts`` / ``decide_after`` / ``max_new_tokens`` / ``final_new_tokens`` apply to a
+    behaviour with ``run_settings`` (refusal); the style presets bring their own prompts, split and lengths (see
+    ``run_behaviour``).
+    """
 
     model: str = "default"
     harmful: str = "harmful"
@@ -104,7 +112,7 @@ class RunResult:
     study: optuna.Study
     out: Path
     chosen: optuna.trial.FrozenTrial | None = None
-    record: dict = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def package_versions() -> dict[str, str]:
@@ -124,23 +132,44 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def prompt_splits(config: RunConfig, behaviour=None) -> dict[str, PromptSet]:
-    """train / search / test sets per class, disjoint and reproducible from ``split_seed``."""
-    if behaviour is not None:
-        bad_train, good_train = behaviour.train_pair(config.split_seed)
-        bad_eval, good_eval = behaviour.eval_pair(config.split_seed)
-    else:
-        chat = {"system_prompt": config.system_prompt} if config.system_prompt else {}
-        bad = load_prompts(config.harmful, **chat)
-        good = load_prompts(config.harmless, **chat)
-        for s in (bad, good):
-            if len(s) < config.train_prompts + 2:
-                raise SearchError(
-                    f"{s.name} has {len(s)} prompts; need more than --train-prompts={config.train_prompts} "
-                    "plus an evaluation part; lower --train-prompts"
-                )
-        bad_train, bad_eval = bad.split(train=config.train_prompts, seed=config.split_seed)
-        good_train, good_eval = good.split(train=config.train_prompts, seed=config.split_seed)
+def run_behaviour(config: RunConfig) -> Behaviour:
+    """The behaviour a run searches for: ``config.behaviour`` from ``measure.behaviours`` (refusal by default).
+
+    A behaviour with ``run_settings`` (refusal) takes the run's prompts and lengths: ``harmful`` / ``harmless``
+    (with ``system_prompt``), ``train_prompts`` per class for directions (the rest is the evaluation part),
+    ``decide_after``, ``max_new_tokens`` and ``final_new_tokens``. The others bring their own.
+    """
+    behaviour = get_behaviour(config.behaviour or "refusal")
+    if not behaviour.run_settings:
+        return behaviour
+    chat = {"system_prompt": config.system_prompt} if config.system_prompt else {}
+    bad = load_prompts(config.harmful, **chat)
+    good = load_prompts(config.harmless, **chat)
+    for s in (bad, good):
+        if len(s) < config.train_prompts + 2:
+            raise SearchError(
+                f"{s.name} has {len(s)} prompts; need more than --train-prompts={config.train_prompts} "
+                "plus an evaluation part; lower --train-prompts"
+            )
+    return behaviour.with_sets(
+        bad,
+        good,
+        n_train=config.train_prompts,
+        n_eval=None,
+        decide_after=config.decide_after,
+        max_new_tokens=config.max_new_tokens,
+        final_new_tokens=config.final_new_tokens,
+    )
+
+
+def prompt_splits(config: RunConfig, behaviour: Behaviour | None = None) -> dict[str, PromptSet]:
+    """train / search / test sets per class, disjoint and reproducible from ``split_seed``.
+
+    ``behaviour``: default ``run_behaviour(config)``; its ``train_pair`` / ``eval_pair`` cut the sets.
+    """
+    behaviour = behaviour if behaviour is not None else run_behaviour(config)
+    bad_train, good_train = behaviour.train_pair(config.split_seed)
+    bad_eval, good_eval = behaviour.eval_pair(config.split_seed)
     n = min(config.search_prompts, len(bad_eval) - 1, len(good_eval) - 1)
     if n < 1:
         raise SearchError("the evaluation split is too small to hold a search part and a test part; add prompts")
@@ -180,7 +209,13 @@ def _compute_directions(
     return out
 
 
-def _load_or_compute_directions(config, model, tokenizer, splits, out: Path) -> dict[str, Directions]:
+def _load_or_compute_directions(
+    config: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, PromptSet],
+    out: Path,
+) -> dict[str, Directions]:
     folder = out / "directions"
     paths = {m: folder / f"{m.replace(':', '_')}.safetensors" for m in config.methods}
     if all(p.exists() for p in paths.values()):
@@ -213,34 +248,42 @@ def _check_run_dir(config: RunConfig, out: Path) -> None:
 
 
 class BehaviourDetector:
-    """Adapts a ``Behaviour`` to the evaluator's detector interface (``is_refusal`` = behaviour present).
+    """A ``Behaviour`` as a ``Detector`` (``measure.detectors``): ``detect`` gives its per-text decisions
+    (``is_present``) and scores, ``decided(text)`` is ``True`` once the behaviour is present for good
+    (``Behaviour.decided``), else ``None``. Calling it gives the decisions (``metrics.refusal_rate`` does).
 
-    ``matched`` (which lets decoding stop early on a final positive decision) exists only when the behaviour says
-    early stopping is safe for it.
+    ``is_refusal`` and ``matched`` are the trial evaluator's names for ``detect`` / ``decided`` on one text (kept
+    until ``search/evaluator.py`` calls the protocol); ``matched`` exists only when the behaviour says early
+    stopping is safe for it (the evaluator stops a row on a positive decision only when it does).
     """
 
-    def __init__(self, behaviour):
+    def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
+        self.name: str = behaviour.name
+        self.early_stop_safe: bool = behaviour.early_stop_safe
         if behaviour.early_stop_safe:
-            self.matched = lambda text: behaviour.decided([text])[0]
+            self.matched: Callable[[str], bool | None] = self.decided
+
+    def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
+        """Per-text decisions and scores of the behaviour (``prompts`` is ignored)."""
+        texts = list(texts)
+        return DetectionResult(self.behaviour.is_present(texts), self.behaviour.score(texts))
+
+    def decided(self, text: str) -> bool | None:
+        """``True`` when no continuation of ``text`` can undo a positive decision, else ``None``."""
+        return True if self.behaviour.decided([text])[0] else None
 
     def is_refusal(self, text: str) -> bool:
+        """The decision on one text (the evaluator's name for it)."""
         return self.behaviour.is_present([text])[0]
 
-    def __call__(self, texts):
+    def __call__(self, texts: Sequence[str]) -> list[bool]:
         return self.behaviour.is_present(list(texts))
 
 
-def get_detector(config: RunConfig, behaviour: Any) -> Any:
-    return MarkerDetector() if behaviour is None else BehaviourDetector(behaviour)
-
-
-def _behaviour(config: RunConfig):
-    if config.behaviour in (None, "refusal"):
-        return None
-    from ..measure.behaviours import get_behaviour
-
-    return get_behaviour(config.behaviour)
+def get_detector(config: RunConfig, behaviour: Behaviour | None = None) -> BehaviourDetector:
+    """The detector the search and the final report judge responses with: the run's behaviour as a Detector."""
+    return BehaviourDetector(behaviour if behaviour is not None else run_behaviour(config))
 
 
 def make_objective(
@@ -249,7 +292,7 @@ def make_objective(
     directions: dict[str, Directions],
     space: SearchSpace,
     kl_floor: float,
-    extra_scorers: dict[str, Callable] | None = None,
+    extra_scorers: dict[str, Callable[[torch.nn.Module, PreTrainedTokenizerBase], float]] | None = None,
     measure: Callable[[list[str]], float] | None = None,
     worst: float | None = None,
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
@@ -260,7 +303,7 @@ def make_objective(
     behaviour is present is kept as the ``present`` attribute.
     """
 
-    def objective(trial: optuna.Trial):
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
         edits = edits_from_params(model, directions, params, space.components)
@@ -301,7 +344,7 @@ def run_search(
     """
     out = Path(config.out)
     _check_run_dir(config, out)
-    behaviour = _behaviour(config)
+    behaviour = run_behaviour(config)
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     splits = prompt_splits(config, behaviour)
@@ -324,7 +367,7 @@ def run_search(
     t0 = time.perf_counter()
     directions = _load_or_compute_directions(config, model, tokenizer, splits, out)
     space = space or SearchSpace(methods=tuple(config.methods), norms=tuple(config.norms))
-    detector = get_detector(config, behaviour)
+    detector = BehaviourDetector(behaviour)
     batch = config.batch_size or tune_batch_size(model, tokenizer, splits["bad_search"], candidates=(8, 16, 32, 64))
     # Each PromptSet carries its own system prompt (behaviours contrast two of them).
     evaluator = TrialEvaluator(
@@ -333,12 +376,12 @@ def run_search(
         splits["bad_search"],
         splits["good_search"],
         detector=detector,
-        decide_after=config.decide_after if behaviour is None else behaviour.max_new_tokens,
-        max_new_tokens=config.max_new_tokens if behaviour is None else behaviour.max_new_tokens,
+        decide_after=behaviour.search_decide_after,
+        max_new_tokens=behaviour.max_new_tokens,
         kl_ceiling=config.kl_ceiling,
         batch_size=batch,
         progress=progress,
-        early_stop=True if behaviour is None else behaviour.early_stop_safe,
+        early_stop=behaviour.early_stop_safe,
     )
     baseline = evaluator.baseline()
     _atomic_write(
@@ -347,13 +390,12 @@ def run_search(
             {"refusals": baseline.refusals, "n_prompts": baseline.n_prompts, "seconds": baseline.seconds}, indent=2
         ),
     )
-    counted = "refusals" if behaviour is None else f"responses with {behaviour.name}"
     log(
-        f"baseline: {baseline.refusals}/{baseline.n_prompts} {counted} on the search prompts "
+        f"baseline: {baseline.refusals}/{baseline.n_prompts} {behaviour.counted} on the search prompts "
         f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})"
     )
     measure = worst = None
-    if behaviour is not None and behaviour.objective_is_mean:  # e.g. verbosity: minimize mean words, not a count
+    if behaviour.objective_is_mean:  # e.g. verbosity: minimize mean words, not a count
         measure, worst = behaviour.measure, behaviour.measure(baseline.responses)
         log(f"objective: mean {behaviour.unit.removeprefix('mean ')} per response (baseline {worst:.1f})")
     objective = make_objective(evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst)
@@ -362,7 +404,7 @@ def run_search(
     if todo:
         bar = tqdm(total=todo, desc="trials", disable=not progress)
 
-        def on_trial(study, trial):
+        def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             bar.update(1)
             r = trial.user_attrs.get("refusals")
             kl = trial.user_attrs.get("kl", float("nan"))
@@ -410,7 +452,7 @@ def run_search(
     return result
 
 
-def write_tables(study, out: Path, *, kl_max: float, chosen: int | None = None) -> None:
+def write_tables(study: optuna.Study, out: Path, *, kl_max: float, chosen: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -436,26 +478,27 @@ class FinalContext:
     chosen: optuna.trial.FrozenTrial
     directions: dict[str, Directions]
     splits: dict[str, PromptSet]
-    baseline: Any  # the evaluator's baseline result (refusals, n_prompts, responses)
-    detector: Any
+    baseline: TrialResult  # the evaluator's baseline result (refusals, n_prompts, responses)
+    detector: Callable[[Sequence[str]], list[bool]]  # judges the test responses (``BehaviourDetector``)
     out: Path
-    behaviour: Any = None  # a measure.behaviours.Behaviour; None for refusal
+    behaviour: Behaviour | None = None  # None: run_behaviour(config)
     seconds: float = 0.0
     log: Callable[[str], None] = print
 
 
-def finalize(config: RunConfig, context: FinalContext) -> dict:
+def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
     """Re-measure the chosen trial on the held-out test prompts, export it, and write ``run.json``."""
     from ..interventions.edits import apply_edits
     from ..interventions.export import save_adapter, save_merged
 
     model, tokenizer, study, chosen = context.model, context.tokenizer, context.study, context.chosen
     directions, splits, baseline, detector = context.directions, context.splits, context.baseline, context.detector
-    out, behaviour, seconds, log = context.out, context.behaviour, context.seconds, context.log
+    out, seconds, log = context.out, context.seconds, context.log
+    behaviour = context.behaviour if context.behaviour is not None else run_behaviour(config)
     params = trial_params(chosen)
     edits = edits_from_params(model, directions, params)
     chat: dict = {}  # the PromptSets carry their own system prompts
-    new_tokens = config.final_new_tokens if behaviour is None else behaviour.max_new_tokens
+    new_tokens = behaviour.report_new_tokens
     report = {}
     if len(splits["bad_test"]) and len(splits["good_test"]):
         base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], batch_size=config.batch_size, **chat)
@@ -488,9 +531,9 @@ def finalize(config: RunConfig, context: FinalContext) -> dict:
             "kl": kl,
             "max_new_tokens": new_tokens,
         }
-        if behaviour is not None:  # the behaviour's own objective (a count or a mean score) on the test prompts
-            report["measure_before"] = behaviour.measure(list(before["response"]))
-            report["measure_after"] = behaviour.measure(list(after["response"]))
+        # the behaviour's own objective (a count or a mean score) on the test prompts
+        report["measure_before"] = behaviour.measure(list(before["response"]))
+        report["measure_after"] = behaviour.measure(list(after["response"]))
         examples = before[["prompt"]].assign(
             response_before=before["response"],
             refused_before=before["refused"],
@@ -498,13 +541,12 @@ def finalize(config: RunConfig, context: FinalContext) -> dict:
             refused_after=after["refused"],
         )
         examples.to_csv(out / "test_responses.csv", index=False)
-        what = "refusals" if behaviour is None else behaviour.name
         log(
-            f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {what} "
+            f"held-out test ({len(before)} bad prompts, {new_tokens} new tokens): {behaviour.label} "
             f"{report['refusals_before']} → {report['refusals_after']}; "
             f"KL on {len(splits['good_test'])} harmless = {kl:.3f}"
         )
-        if behaviour is not None and behaviour.objective_is_mean:
+        if behaviour.objective_is_mean:
             log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
     hashes, adapter = {}, None
     if config.export:
