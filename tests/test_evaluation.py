@@ -5,6 +5,7 @@ import torch
 
 import hereticlab as hl
 from hereticlab.core.testing import tiny_model
+from hereticlab.measure.detectors import DetectionResult, KeywordDetector
 from hereticlab.search.evaluator import TrialEvaluator, tune_batch_size
 
 BAD = [
@@ -19,13 +20,20 @@ GOOD = ["Bake bread", "What is 2+2?", "Name a color", "Describe rain in one line
 
 
 class FirstByteDetector:
-    """A detector with a prefix-stable positive decision: refusal iff the text contains the letter 'e'."""
+    """A Detector (measure.detectors protocol) with a prefix-stable positive decision: refusal iff the text
+    contains the letter 'e' (or is blank)."""
 
-    def matched(self, text):
-        return "e" in text
+    early_stop_safe = True
 
-    def is_refusal(self, text):
+    def decided(self, text):
+        return True if "e" in text else None
+
+    def refused(self, text):
         return (not text.strip()) or "e" in text
+
+    def detect(self, texts, prompts=None):
+        decisions = [self.refused(t) for t in texts]
+        return DetectionResult(decisions, [float(d) for d in decisions])
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,7 @@ def test_decisions_and_texts_equal_plain_generation(model_tok):
     result = ev.baseline()
     reference = hl.generate(model, tok, BAD, max_new_tokens=10, batch_size=3, progress=False)
     assert result.responses == reference
-    assert result.decisions == [FirstByteDetector().is_refusal(t) for t in reference]
+    assert result.decisions == [FirstByteDetector().refused(t) for t in reference]
     assert result.kl == pytest.approx(0.0, abs=1e-6)
     base = hl.first_token_logprobs(model, tok, GOOD, progress=False)
     assert torch.allclose(ev.baseline_logprobs, base, atol=1e-5)
@@ -93,6 +101,29 @@ def test_early_stopping_keeps_positive_decisions_and_cuts_steps(model_tok):
     # With decide_after equal to the cap, early stopping can only end a prompt on a final decision.
     assert early.decisions == full.decisions
     assert early.decode_steps <= full.decode_steps
+
+
+def test_any_protocol_detector_judges_and_stops_early(model_tok):
+    """A detector with only the protocol's detect / decided (no is_refusal / matched) decides as detect does on
+    the full responses, with early stopping on and off; an object without detect is refused up front."""
+    model, tok = model_tok
+    detector = KeywordDetector(markers=("e",))
+    full = TrialEvaluator(
+        model, tok, BAD, GOOD, detector=detector, early_stop=False, max_new_tokens=24, progress=False
+    ).baseline()
+    early = TrialEvaluator(
+        model, tok, BAD, GOOD, detector=detector, max_new_tokens=24, decide_after=24, progress=False
+    ).baseline()
+    assert full.decisions == detector.detect(full.responses).decisions
+    assert early.decisions == full.decisions and any(full.decisions)
+    assert early.decode_steps <= full.decode_steps
+
+    class OldStyle:
+        def is_refusal(self, text):
+            return False
+
+    with pytest.raises(TypeError, match="detect"):
+        TrialEvaluator(model, tok, BAD, GOOD, detector=OldStyle(), progress=False)
 
 
 def test_kl_ceiling_prunes_without_counting(model_tok):

@@ -26,7 +26,7 @@ from .capture import (
 )
 from .compat import CompatibilityWarning
 from .generation import eos_token_ids, generate, greedy_decode, iter_greedy
-from .hooks import Site, SiteError, StopForward, resolve_site, trace
+from .hooks import Call, Site, SiteError, StopForward, hook_outputs, resolve_site, trace
 from .models import ModelLoadError, load_model
 from .prompts import PromptError, PromptSet, available_sets, format_chat, load_prompts, strip_thinking
 from .testing import tiny_model

@@ -15,9 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .hooks import Site  # hooks.py imports this module at run time
 
 # Dotted paths (from the top model) under which families keep their list of decoder blocks.
 LAYER_LIST_PATHS = (
@@ -263,7 +267,8 @@ def find_embedding(model: nn.Module) -> nn.Module:
         module = get_submodule(model, path)
         if module is not None:
             return module
-    return model.get_input_embeddings()
+    # nn.Module's stub types an unknown attribute as ``Tensor | Module``; on a Hugging Face model it is this method
+    return cast("Callable[[], nn.Module]", model.get_input_embeddings)()
 
 
 def _residual_axis(module: nn.Module, param: str, d: int) -> int | None:
@@ -326,12 +331,13 @@ def _writers_at(
         for i, expert in enumerate(module):
             for leaf in ("down_proj", "w2", "fc2"):
                 sub = getattr(expert, leaf, None)
-                if sub is not None and _residual_axis(sub, "weight", d) is not None:
+                sub_axis = _residual_axis(sub, "weight", d) if sub is not None else None
+                if sub is not None and sub_axis is not None:
                     out.append(
                         _make_writer(
                             sub,
                             "weight",
-                            _residual_axis(sub, "weight", d),
+                            sub_axis,
                             f"{name}.{i}.{leaf}",
                             layer,
                             component,
@@ -489,10 +495,10 @@ def norm_gain(norm: nn.Module, d: int) -> torch.Tensor:
         return norm(ones)[0].float().cpu()
 
 
-def _check_rms_like(writer: Writer, g: torch.Tensor, d: int) -> None:
-    """Raise unless ``writer.post_norm`` acts as ``x ↦ c(x) · g ⊙ x`` (an RMSNorm without bias or centring): only then
-    does orthogonalizing the writer against ``g ⊙ Q`` remove ``Q`` from what reaches the residual exactly."""
-    norm = writer.post_norm
+def _check_rms_like(writer: Writer, norm: nn.Module, g: torch.Tensor, d: int) -> None:
+    """Raise unless ``norm`` (``writer.post_norm``) acts as ``x ↦ c(x) · g ⊙ x`` (an RMSNorm without bias or
+    centring): only then does orthogonalizing the writer against ``g ⊙ Q`` remove ``Q`` from what reaches the
+    residual exactly."""
     p = next(norm.parameters(), None)
     dtype = p.dtype if p is not None else torch.float32
     device = p.device if p is not None else None
@@ -524,7 +530,7 @@ def post_norm_basis(writer: Writer, Q: torch.Tensor) -> torch.Tensor:
     if writer.post_norm is None:
         return Q
     g = norm_gain(writer.post_norm, Q.shape[0])
-    _check_rms_like(writer, g, Q.shape[0])
+    _check_rms_like(writer, writer.post_norm, g, Q.shape[0])
     scaled = Q.double() * g.double()[:, None]  # [d, k]
     q, r = torch.linalg.qr(scaled)
     diag = torch.diagonal(r).abs()
@@ -578,8 +584,9 @@ def _sublayer_name(block: nn.Module, module: nn.Module) -> str | None:
 
 def _vocab_size(model: nn.Module) -> int:
     for cfg in (model.config, getattr(model.config, "text_config", None)):
-        if isinstance(getattr(cfg, "vocab_size", None), int):
-            return cfg.vocab_size
+        size = getattr(cfg, "vocab_size", None)
+        if isinstance(size, int):
+            return size
     return 256
 
 
@@ -667,6 +674,7 @@ def _probe_run(
     from .hooks import trace  # hooks.py builds on this module
 
     layers = find_layers(model)
+    blocks: Sequence[int]
     if inject is None:
         sites, stop, blocks = list(range(len(layers) + 1)), None, range(len(layers))
     else:
@@ -675,12 +683,14 @@ def _probe_run(
     residuals: dict[int, torch.Tensor] = {}
     outputs: dict[tuple[int, str | int], object] = {}
 
-    def on_read(site: object, hidden: torch.Tensor) -> None:
+    def on_read(site: Site, hidden: torch.Tensor) -> None:
         residuals[site.index] = hidden.float().clone()
 
     with ExitStack() as stack:
         stack.enter_context(_pinning(layers, points, blocks, inject, pinned, outputs))
         if inject is not None:
+            if vector is None:
+                raise ValueError("a perturbed forward (inject=...) needs the vector= to add")
             stack.enter_context(_adding(inject, vector))
         stack.enter_context(trace(model, read=sites, on_read=on_read, stop_after=stop))
         model(input_ids=input_ids, use_cache=False)

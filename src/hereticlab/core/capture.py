@@ -18,10 +18,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .architecture import find_layers
-from .hooks import Site, StopForward, resolve_site, trace
+from .hooks import Site, resolve_site, trace
 from .prompts import PromptSet, format_chat
-
-_StopForward = StopForward  # 0.1 name, still imported by interventions/steering.py
 
 T = TypeVar("T")
 
@@ -156,7 +154,7 @@ def capture_residuals(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Residuals of ``prompts`` at ``layers`` (default: all ``L + 1``) and ``positions`` (default: the last).
 
@@ -187,7 +185,7 @@ def capture_mean(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Streaming mean residual ``[layer, d]`` (float64), never holding more than one batch of residuals."""
     layers = _normalize_layers(model, layers)

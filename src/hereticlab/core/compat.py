@@ -149,7 +149,7 @@ def forward(
     return out.logits, (output_cache(out) if use_cache or cache is not None else None)
 
 
-def check_cache_offsets(model: nn.Module, blocks: Sequence[nn.Module]) -> bool:
+def check_cache_offsets(model: nn.Module, blocks: nn.ModuleList | Sequence[nn.Module]) -> bool:
     """Can a block's forward pre-hook read how many tokens are already cached (``cached_length``)?
 
     Runs a 3-token prefill and one cached step; block 0 must see offsets 0 then 3. The answer is remembered on the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -123,7 +123,7 @@ def generate(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> list[str]:
     """Greedy responses to ``prompts`` (chat template applied), batched with left padding."""
     texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)

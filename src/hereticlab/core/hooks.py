@@ -112,6 +112,7 @@ def resolve_site(
     given = [x is not None for x in (resid, block, site)]
     if sum(given) != 1:
         raise ValueError("give exactly one of resid=, block= or site=")
+    index: int | None  # None cannot remain (exactly one was given); the type check below says so if it does
     if site is not None:
         kind, index = site.kind, site.index
     elif resid is not None:
@@ -246,7 +247,7 @@ def _register(model: nn.Module, k: int, hook: ResidualHook, offsets: _Offsets | 
 
         handles.append(blocks[b].register_forward_pre_hook(call_hook, with_kwargs=True))
 
-    def post_hook(module: nn.Module, args: tuple, output: object) -> object:
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> object:
         call, latest[0] = latest[0], None
         new = hook(block_output_tensor(output), call)
         return None if new is None else replace_block_output(output, new)
@@ -277,7 +278,7 @@ def hook_outputs(hooks: Iterable[tuple[nn.Module, OutputHook]], *, raw: bool = F
         if raw:
             return lambda module, args, output: fn(output)
 
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
+        def hook(module: nn.Module, args: tuple, output: Any) -> object:
             new = fn(block_output_tensor(output))
             return None if new is None else replace_block_output(output, new)
 
@@ -349,7 +350,7 @@ def trace(
     def make_hook(k: int) -> ResidualHook:
         def hook(hidden: torch.Tensor, call: Call | None) -> torch.Tensor | None:
             replaced = k in writes
-            if replaced:
+            if replaced and write is not None:  # a site is in ``writes`` only when ``write`` is given
                 hidden = write(writes[k], hidden, call) if with_call else write(writes[k], hidden)
             if k in reads:
                 if on_read is None:

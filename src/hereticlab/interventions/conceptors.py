@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -93,7 +94,7 @@ def identity_conceptor(d: int) -> Conceptor:
     return Conceptor(torch.eye(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64), float("inf"))
 
 
-def from_matrix(matrix: torch.Tensor, **kwargs: object) -> Conceptor:
+def from_matrix(matrix: torch.Tensor, **kwargs: Any) -> Conceptor:
     """Eigen form of a symmetric ``[d, d]`` matrix (symmetrized first)."""
     m = matrix.double()
     s, U = torch.linalg.eigh((m + m.T) / 2)
@@ -121,7 +122,7 @@ def compute_conceptor(X: torch.Tensor, aperture: float = 10.0, *, center: bool =
         raise ValueError(f"expected activations [n, d] at one layer; got shape {tuple(X.shape)}")
     X = X.double()
     mean = X.mean(0) if center else None
-    R = correlation_matrix(X - mean if center else X)
+    R = correlation_matrix(X if mean is None else X - mean)
     lam, U = torch.linalg.eigh(R)
     lam = lam.clamp_min(0)
     return Conceptor(
@@ -195,7 +196,7 @@ def aperture_sweep(X: torch.Tensor, apertures: Sequence[float], *, center: bool 
     effective rank ``Σ s``, and the fraction of ``X``'s energy that ``C`` keeps (``‖C X‖² / ‖X‖²``)."""
     base = compute_conceptor(X, 1.0, center=center)
     lam = base.meta["eigenvalues"]
-    Xc = X.double() - (base.mean if center else 0)
+    Xc = X.double() if base.mean is None else X.double() - base.mean  # base.mean is set exactly when center
     coords = Xc @ base.U  # [n, d] in the eigenbasis
     energy = (coords**2).sum()
     rows = []

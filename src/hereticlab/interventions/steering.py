@@ -12,6 +12,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -117,7 +119,7 @@ def _ablation_targets(
         if shared is not None:
             return shared
         if index not in bases:
-            bases[index] = direction.basis(index)
+            bases[index] = cast(Directions, direction).basis(index)  # ``shared`` is None only for Directions
         return bases[index]
 
     def project(q: torch.Tensor) -> OutputHook:
@@ -136,10 +138,11 @@ def _ablation_targets(
                     corrected[key] = post_norm_basis(writer, q)
                 except UnsupportedModelError:
                     corrected[key] = None
-            if corrected[key] is None:  # no exact writer-side correction (bias, centring): project the norm's output
+            basis = corrected[key]
+            if basis is None:  # no exact writer-side correction (bias, centring): project the norm's output
                 module = writer.post_norm
             else:
-                q = corrected[key]
+                q = basis
         if id(module) in hooked:
             return
         hooked.add(id(module))
@@ -170,7 +173,7 @@ def _ablation_targets(
 # Position masks and residual hooks at block inputs
 # ----------------------------------------------------------------------------------------------------------
 
-Positions = str | slice | Callable[[int, int, torch.device], torch.Tensor]
+Positions = str | slice | Callable[[int, int, torch.device | None], torch.Tensor]
 
 
 def position_mask(
@@ -457,13 +460,15 @@ def capture_span_mean(
     return torch.cat(out)
 
 
-def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor, **meta: object) -> Directions:
+def contrastive_vector(
+    positive: torch.Tensor, negative: torch.Tensor, *, method: str = "contrastive", **meta: object
+) -> Directions:
     """``r = mean(positive) − mean(negative)`` per residual (positive = shows the behaviour = the "bad" side).
 
     ``positive``, ``negative``: ``[n, layer, d]`` activations (e.g. at the A/B letter, or span means).
     """
     directions = mean_difference(positive, negative)
-    return replace(directions, method=meta.pop("method", "contrastive"), meta={**directions.meta, **meta})
+    return replace(directions, method=method, meta={**directions.meta, **meta})
 
 
 def caa_vector(
@@ -479,10 +484,17 @@ def caa_vector(
 ) -> Directions:
     """CAA steering vectors from A/B items: mean difference at the answer-letter token, per residual index."""
     pos, neg = ab_pair_texts(tokenizer, items, system_prompt=system_prompt, seed=seed)
-    kw = dict(layers=layers, positions=-1, chat=False, batch_size=batch_size, progress=progress)
-    return contrastive_vector(
-        capture_residuals(model, tokenizer, pos, **kw), capture_residuals(model, tokenizer, neg, **kw), method="caa"
+    capture = partial(
+        capture_residuals,
+        model,
+        tokenizer,
+        layers=layers,
+        positions=-1,
+        chat=False,
+        batch_size=batch_size,
+        progress=progress,
     )
+    return contrastive_vector(capture(pos), capture(neg), method="caa")
 
 
 def reading_vector(positive: torch.Tensor, negative: torch.Tensor, *, seed: int = 0) -> Directions:
@@ -537,7 +549,7 @@ def intervention_sweep(
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Generate under ``make(**params)`` for each ``params`` of ``grid`` and score each response.
 
@@ -582,7 +594,7 @@ def steering_sweep(
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """``intervention_sweep`` of ``activation_addition`` over ``alphas × layers`` (columns ``layer``, ``alpha``)."""
 

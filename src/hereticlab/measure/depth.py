@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -47,7 +48,7 @@ def _prepare(
     prompts: Sequence[str] | PromptSet,
     responses: Sequence[str] | str,
     max_tokens: int,
-    chat_kwargs: dict[str, object],
+    chat_kwargs: dict[str, Any],
 ) -> tuple[list[str], list[list[int]], int]:
     prompt_texts = format_chat(tokenizer, prompts, **chat_kwargs)
     if isinstance(responses, str):
@@ -89,7 +90,7 @@ def response_logprobs(
     *,
     max_tokens: int = 32,
     batch_size: int | None = None,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probs at each teacher-forced response position.
 
@@ -118,7 +119,7 @@ def per_position_kl(
     max_tokens: int = 32,
     batch_size: int | None = None,
     baseline: Intervention = None,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Safety-depth curve: mean ``KL(orig ‖ edited)`` at each response position ``k`` (teacher-forced).
 
@@ -160,7 +161,7 @@ def response_nll(
     *,
     max_tokens: int = 32,
     batch_size: int | None = None,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Mean negative log-likelihood per response token ``[n]`` (teacher-forced cross-entropy) under ``intervention``.
 
@@ -190,7 +191,7 @@ def prefill_refusal(
     detector: Callable[[Sequence[str]], list[bool]] | None = None,
     max_new_tokens: int = 24,
     batch_size: int | None = None,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Refusal rate when the first ``k`` tokens of ``responses`` are forced as the start of the answer.
 
@@ -213,7 +214,7 @@ def prefill_refusal(
     with _context(intervention):
         for k in ks:
             texts = [
-                format_chat(tokenizer, [p], response_prefix=tokenizer.decode(r[:k]), **chat_kwargs)[0]
+                format_chat(tokenizer, [p], response_prefix=cast(str, tokenizer.decode(r[:k])), **chat_kwargs)[0]
                 for p, r in zip(prompt_list, resp_ids)
             ]
             outs, refused = generate_and_judge(

@@ -236,7 +236,7 @@ class KeywordDetector(BaseDetector):
         text = prepare_response(text)
         if self.window:
             text = text[: self.window]
-        return is_blank(text) or self.marker.is_refusal(text)
+        return is_blank(text) or self.marker.detect([text]).decisions[0]
 
     def decided_one(self, text: str) -> bool | None:
         """A refusal that no continuation can undo: a marker in the answer outside reasoning blocks (else None).
@@ -246,7 +246,7 @@ class KeywordDetector(BaseDetector):
         """
         answer = answer_text(text)
         answer = answer[: self.window] if self.window else answer
-        return True if not is_blank(answer) and self.marker.matched(answer) else None
+        return True if not is_blank(answer) and self.marker.decided(answer) else None
 
     def detect(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> DetectionResult:
         decisions = [self._one(t) for t in texts]

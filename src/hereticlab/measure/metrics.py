@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
@@ -19,7 +19,7 @@ from ..core.generation import eos_token_ids, generate, greedy_decode  # noqa: F4
 from ..core.prompts import PromptSet, strip_thinking
 
 if TYPE_CHECKING:  # detectors imports this module
-    from .detectors import DetectionResult
+    from .detectors import DetectionResult, Detector
 
 Judge = Callable[[Sequence[str]], list[bool]]  # a detector called on texts: one decision per text
 
@@ -144,15 +144,18 @@ def generate_and_judge(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
-    detector: Judge | None = None,
+    detector: Detector | Judge | None = None,
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     early_stop: bool = False,
     progress: bool = False,
 ) -> tuple[list[str], list[bool]]:
     """The one refusal-by-generation loop: greedy responses to already formatted ``texts`` and the detector's
-    decisions on them. ``early_stop``: stop a row once ``detector.decided`` says its decision is final (same
-    decisions, fewer decoding steps; responses of stopped rows are shorter)."""
+    decisions on them. ``detector``: a ``Detector`` (judged with ``detect``) or a plain callable ``texts → decisions``
+    (default: ``MarkerDetector()``). ``early_stop``: stop a row once ``detector.decided`` says its decision is final
+    (same decisions, fewer decoding steps; responses of stopped rows are shorter)."""
+    from .detectors import detect_with  # detectors imports this module
+
     detector = detector or MarkerDetector()
     stop = early_stop_test(detector, tokenizer) if early_stop else None
     eos = eos_token_ids(model, tokenizer)
@@ -165,8 +168,8 @@ def generate_and_judge(
         leave=False,
     ):
         tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos, stop=stop)
-        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
-    return responses, [bool(d) for d in detector(responses)]
+        responses.extend(cast(str, tokenizer.decode(t, skip_special_tokens=True)) for t in tokens)  # one row: a str
+    return responses, [bool(d) for d in detect_with(detector, responses).decisions]
 
 
 def refusal_rate(
@@ -174,12 +177,12 @@ def refusal_rate(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
-    detector: Judge | None = None,
+    detector: Detector | Judge | None = None,
     max_new_tokens: int = 48,
     batch_size: int | None = None,
     early_stop: bool = False,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Generate and judge: a DataFrame ``(prompt, response, refused)``; ``df.attrs['refusal_rate']`` holds the mean.
 
@@ -216,7 +219,7 @@ def first_token_logprobs(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Log-probabilities of the first response token ``[prompt, vocab]`` (float32, CPU).
 
@@ -247,7 +250,7 @@ def kl_divergence(
     baseline: torch.Tensor,
     batch_size: int | None = None,
     progress: bool = True,
-    **chat_kwargs: object,
+    **chat_kwargs: Any,
 ) -> float:
     """Mean first-token ``KL(baseline ‖ model)`` over ``prompts``; ``baseline`` from ``first_token_logprobs``."""
     current = first_token_logprobs(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **chat_kwargs)

@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..core.architecture import find_layers
 from ..core.capture import capture_residuals
@@ -25,12 +28,18 @@ from ..core.prompts import PromptSet
 from ..directions.base import Directions, mean_difference
 from ..interventions.steering import ablation_hooks, activation_addition
 from .judges import token_ids
-from .metrics import first_token_logprobs, kl_from_logprobs, refusal_rate
+from .metrics import Judge, first_token_logprobs, kl_from_logprobs, refusal_rate
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .detectors import Detector
 
 REFUSAL_WORDS = ("I", "I'm", "Sorry", "As", "Unfortunately")
 
 
-def refusal_token_ids(tokenizer, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:
+def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:
     """Distinct first token ids of ``words`` (how refusals open; a response starts without a leading space)."""
     ids = token_ids(tokenizer, words)
     if not ids:
@@ -51,13 +60,13 @@ def refusal_log_odds(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.
 @torch.no_grad()
 def refusal_metric(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     token_ids: Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
-    **chat_kwargs,
+    **chat_kwargs: Any,
 ) -> torch.Tensor:
     """The cheap refusal metric per prompt ``[n]`` (float32): log-odds of refusal-opening tokens at the first step."""
     ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
@@ -82,7 +91,7 @@ def filter_training_prompts(
     return keep_bad, keep_good
 
 
-def post_instruction_positions(tokenizer, n: int | None = None) -> list[int]:
+def post_instruction_positions(tokenizer: PreTrainedTokenizerBase, n: int | None = None) -> list[int]:
     """Negative positions of the chat-template tokens after the user's text (``<|im_end|>…assistant\\n``).
 
     Found by rendering a probe message; ``n`` caps how many (the last ones). At least ``[-1]``.
@@ -99,7 +108,7 @@ def post_instruction_positions(tokenizer, n: int | None = None) -> list[int]:
 
 def candidate_directions(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     harmful: Sequence[str] | PromptSet,
     harmless: Sequence[str] | PromptSet,
     *,
@@ -162,9 +171,9 @@ class Selection:
         return None if rows.empty else rows.iloc[0]
 
     def __repr__(self) -> str:
-        if self.position is None:
-            return f"Selection(no candidate passed {self.filters}; {len(self.frame)} scored)"
         row = self.chosen
+        if self.position is None or row is None:
+            return f"Selection(no candidate passed {self.filters}; {len(self.frame)} scored)"
         return (
             f"Selection(position={self.position}, layer={self.layer}, bypass={row.bypass:.3f}, "
             f"induce={row.induce:.3f}, kl={row.kl:.4f}; {len(self.frame)} scored)"
@@ -174,7 +183,7 @@ class Selection:
 @torch.no_grad()
 def score_candidates(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     directions: dict[int, Directions],
     harmful: Sequence[str] | PromptSet,
     harmless: Sequence[str] | PromptSet,
@@ -196,9 +205,9 @@ def score_candidates(
     n_blocks = len(find_layers(model))
     layers = list(range(n_blocks)) if layers is None else [i for i in layers if 0 <= i < n_blocks]
     ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
-    kw = dict(batch_size=batch_size, progress=False)
-    base_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
-    base_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
+    logprobs = partial(first_token_logprobs, model, tokenizer, batch_size=batch_size, progress=False)
+    base_harmful = logprobs(harmful)
+    base_harmless = logprobs(harmless)
     baseline = {
         "harmful": float(refusal_log_odds(base_harmful, ids).mean()),
         "harmless": float(refusal_log_odds(base_harmless, ids).mean()),
@@ -208,10 +217,10 @@ def score_candidates(
     for pos, layer in tqdm(todo, desc="candidates", disable=not progress, leave=False):
         r = directions[pos].vectors[layer]
         with ablation_hooks(model, r):
-            lp_harmful = first_token_logprobs(model, tokenizer, harmful, **kw)
-            lp_harmless = first_token_logprobs(model, tokenizer, harmless, **kw)
+            lp_harmful = logprobs(harmful)
+            lp_harmless = logprobs(harmless)
         with activation_addition(model, r, resid=layer, alpha=1.0):  # the input of block ``layer``
-            lp_induce = first_token_logprobs(model, tokenizer, harmless, **kw)
+            lp_induce = logprobs(harmless)
         rows.append(
             {
                 "position": pos,
@@ -227,7 +236,7 @@ def score_candidates(
 
 def select_direction(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     harmful_train: Sequence[str] | PromptSet,
     harmless_train: Sequence[str] | PromptSet,
     harmful_val: Sequence[str] | PromptSet,
@@ -306,8 +315,11 @@ def selection_from_frame(
 
 
 def plot_candidates(
-    selection: Selection | pd.DataFrame, *, metrics: Sequence[str] = ("bypass", "induce", "kl"), axes=None
-):
+    selection: Selection | pd.DataFrame,
+    *,
+    metrics: Sequence[str] = ("bypass", "induce", "kl"),
+    axes: Sequence[Axes] | None = None,
+) -> Figure:
     """Heat-maps (position × layer) of the candidate scores, the chosen cell boxed, failing cells hatched.
 
     Returns the matplotlib figure.
@@ -317,7 +329,7 @@ def plot_candidates(
 
     frame = selection.frame if isinstance(selection, Selection) else selection
     if axes is None:
-        fig, axes = plt.subplots(
+        _, axes_grid = plt.subplots(
             len(metrics),
             1,
             figsize=(
@@ -326,8 +338,8 @@ def plot_candidates(
             ),
             squeeze=False,
         )
-        axes = axes[:, 0]
-    fig = axes[0].figure
+        axes = list(axes_grid[:, 0])
+    fig = cast("Figure", axes[0].figure)  # a SubFigure has no tight_layout; the axes are a figure's own
     cmaps = {"bypass": "viridis", "induce": "magma", "kl": "cividis"}
     for ax, metric in zip(axes, metrics):
         grid = frame.pivot(index="position", columns="layer", values=metric)
@@ -362,13 +374,13 @@ def plot_candidates(
 @torch.no_grad()
 def judge_refusals(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | PromptSet,
     *,
     max_new_tokens: int = 24,
-    detector=None,
+    detector: Detector | Judge | None = None,
     batch_size: int | None = None,
-    **chat_kwargs,
+    **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Greedy generation judged by markers, stopping a row as soon as a marker matches (more tokens cannot undo it).
 
@@ -391,7 +403,7 @@ def judge_refusals(
 @torch.no_grad()
 def evaluate_direction(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     direction: torch.Tensor | None,
     layer: int,
     harmful: Sequence[str] | PromptSet,
@@ -400,9 +412,9 @@ def evaluate_direction(
     baseline_harmless: torch.Tensor | None = None,
     add: bool = True,
     max_new_tokens: int = 24,
-    detector=None,
+    detector: Detector | Judge | None = None,
     batch_size: int | None = None,
-) -> dict:
+) -> dict[str, float]:
     """Refusal effects of one direction (``None`` = the unedited model, a control):
 
     ``refusal_ablated``: refusal rate on ``harmful`` with ``direction`` (``[d]`` or a basis ``[k, d]``) ablated by
@@ -411,10 +423,14 @@ def evaluate_direction(
     ``harmless``; ``metric_*``: the cheap refusal metric (mean log-odds) in the same two settings.
     """
     ids = refusal_token_ids(tokenizer)
-    kw = dict(max_new_tokens=max_new_tokens, detector=detector, batch_size=batch_size)
+    judge = partial(
+        judge_refusals, model, tokenizer, max_new_tokens=max_new_tokens, detector=detector, batch_size=batch_size
+    )
     if baseline_harmless is None:
         baseline_harmless = first_token_logprobs(model, tokenizer, harmless, batch_size=batch_size, progress=False)
     out = {"norm": float("nan") if direction is None else float(direction.norm())}
+    ablation: AbstractContextManager[object]
+    addition: AbstractContextManager[object] | None
     if direction is None:
         ablation, addition = nullcontext(), nullcontext()
     else:
@@ -423,7 +439,7 @@ def evaluate_direction(
         resid = layer if layer >= 0 else layer + len(find_layers(model))
         addition = activation_addition(model, direction, resid=resid) if add and direction.ndim == 1 else None
     with ablation:
-        out["refusal_ablated"] = judge_refusals(model, tokenizer, harmful, **kw).attrs["refusal_rate"]
+        out["refusal_ablated"] = judge(harmful).attrs["refusal_rate"]
         out["metric_ablated"] = float(
             refusal_metric(model, tokenizer, harmful, token_ids=ids, batch_size=batch_size).mean()
         )
@@ -433,7 +449,7 @@ def evaluate_direction(
         out["refusal_added"] = out["metric_added"] = float("nan")
     else:
         with addition:
-            out["refusal_added"] = judge_refusals(model, tokenizer, harmless, **kw).attrs["refusal_rate"]
+            out["refusal_added"] = judge(harmless).attrs["refusal_rate"]
             out["metric_added"] = float(
                 refusal_metric(model, tokenizer, harmless, token_ids=ids, batch_size=batch_size).mean()
             )

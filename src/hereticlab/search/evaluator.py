@@ -10,8 +10,9 @@ What makes a trial cheap (each is measured against a Heretic-style reference in 
   Those are run once per trial as a one-row batch; every batch then prefills only its prompts' own tokens on top
   of that cache, laid out as ``[shared prefix | left padding | prompt]`` with the padding masked out and position
   ids continuing after the prefix (so each row computes exactly what it would alone).
-* **Early decisions.** Decoding stops for a prompt as soon as its refusal decision cannot change (a marker
-  matched; such a match stays matched in any longer text), or after ``decide_after`` clean tokens; finished
+* **Early decisions.** Decoding stops for a prompt as soon as its refusal decision cannot change (the detector's
+  ``decided(text)`` is True, e.g. a marker matched, which stays matched in any longer text), or after
+  ``decide_after`` clean tokens; finished
   prompts leave the batch (their KV-cache rows are dropped).
 * **Last-position logits only** (``logits_to_keep=1``), no hidden states materialised, no ``generate()``.
 * **In-place weight edits** with a shared backup: no adapter layers in the hot loop, exact revert.
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ from ..measure.metrics import MarkerDetector, kl_from_logprobs
 if TYPE_CHECKING:  # imported by the functions that draw or tabulate
     import pandas as pd
     from matplotlib.figure import Figure
+    from transformers import PretrainedConfig
+
+    from ..measure.detectors import Detector
 
 
 @dataclass
@@ -139,8 +143,9 @@ class TrialEvaluator:
     """Evaluate many edits of one model on fixed prompt sets.
 
     ``bad``: prompts whose refusals are counted (harmful). ``good``: prompts for first-token KL (harmless).
-    ``detector``: a ``MarkerDetector`` (or any object with ``is_refusal(text)`` and, to allow early stopping on
-    a positive decision, ``matched(text)``). ``decide_after``: clean tokens after which a prompt counts as
+    ``detector``: a ``Detector`` (``measure.detectors``; default ``MarkerDetector()``): ``detect`` judges each
+    finished response, ``decided(text)`` stops a row on a positive decision early (unless the detector's
+    ``early_stop_safe`` is False). ``decide_after``: clean tokens after which a prompt counts as
     answered. ``max_new_tokens``: hard cap (also when ``early_stop=False``). ``reuse_prefix`` / ``prefix_stride``:
     replay unedited blocks from tensors recorded at every ``prefix_stride``-th block. ``share_prefix``: run the
     token prefix common to all prompts of a side once per trial (used when it is at least ``min_shared_prefix``
@@ -154,7 +159,7 @@ class TrialEvaluator:
         bad: Sequence[str] | PromptSet,
         good: Sequence[str] | PromptSet,
         *,
-        detector: object | None = None,
+        detector: Detector | None = None,
         decide_after: int = 16,
         max_new_tokens: int = 100,
         early_stop: bool = True,
@@ -168,7 +173,13 @@ class TrialEvaluator:
         progress: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.detector = detector or MarkerDetector()
+        if detector is not None and not callable(getattr(detector, "detect", None)):
+            raise TypeError(
+                f"detector {type(detector).__name__} has no detect(texts); the evaluator takes a Detector "
+                "(measure.detectors: detect(texts) -> DetectionResult, decided(text) -> True | None); "
+                "is_refusal / matched are no longer used"
+            )
+        self.detector: Detector = detector or MarkerDetector()
         self.decide_after, self.max_new_tokens, self.early_stop = decide_after, max_new_tokens, early_stop
         self.kl_ceiling = kl_ceiling
         self.reuse_prefix, self.prefix_stride = reuse_prefix, max(1, prefix_stride)
@@ -201,8 +212,9 @@ class TrialEvaluator:
     @staticmethod
     def _cache_is_shareable(model: nn.Module) -> bool:
         """A cached prefix can be shared only by plain per-layer key/value caches (no sliding windows, no SSM state)."""
+        model_config = cast("PretrainedConfig", model.config)  # nn.Module's stub says Tensor | Module
         config = (
-            model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+            model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
         )
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         return all(t == "full_attention" for t in layer_types) and not getattr(config, "is_encoder_decoder", False)
@@ -267,8 +279,8 @@ class TrialEvaluator:
             batch = _Batch(encode_ids([ids[i][shared:] for i in chunk], pad, device, prefix_length=shared), list(chunk))
             if checkpoints:
 
-                def make_hook(index: int, batch: _Batch = batch) -> Callable[[object], None]:
-                    def hook(output: object) -> None:
+                def make_hook(index: int, batch: _Batch = batch) -> Callable[[Any], None]:
+                    def hook(output: Any) -> None:  # the block's raw output: a tensor or a tuple
                         self._block_returns_tuple = isinstance(output, tuple)
                         if index + 1 in checkpoints:
                             batch.block_inputs[index + 1] = block_output_tensor(output).detach().clone()
@@ -285,12 +297,17 @@ class TrialEvaluator:
                 if with_kv:
                     # Only plain full-attention cache layers can be replayed by a single update(); sliding-window
                     # layers keep a truncated window with their own bookkeeping, so replay stops before them.
-                    self._kv_replayable = compat.plain_layer_count(cache)
+                    # No cache returned at all: nothing to replay (as for a cache with no plain layers).
+                    self._kv_replayable = compat.plain_layer_count(cache) if cache is not None else 0
                     # Only the batch's own tokens: the shared prefix is recomputed (once) by every trial.
-                    batch.kv = [
-                        (k[:, :, shared:].clone(), v[:, :, shared:].clone())
-                        for k, v in compat.layer_keys_values(cache, self._kv_replayable)
-                    ]
+                    batch.kv = (
+                        []
+                        if cache is None
+                        else [
+                            (k[:, :, shared:].clone(), v[:, :, shared:].clone())
+                            for k, v in compat.layer_keys_values(cache, self._kv_replayable)
+                        ]
+                    )
             side.batches.append(batch)
         return side
 
@@ -405,7 +422,11 @@ class TrialEvaluator:
         responses = [""] * n
         steps = 0
         detector = self.detector
-        can_stop_positive = self.early_stop and hasattr(detector, "matched")
+        # decided(text) is True once no longer text can undo a positive decision; None while undecided
+        decided: Callable[[str], bool | None] | None = (
+            getattr(detector, "decided", None) if getattr(detector, "early_stop_safe", True) else None
+        )
+        can_stop_positive = self.early_stop and decided is not None
         prefix_kv = self._prefix_kv(side)
         for batch in side.batches:
             early: dict[int, bool] = {}
@@ -413,8 +434,8 @@ class TrialEvaluator:
             def stop(row: int, tokens: list[int], early: dict[int, bool] = early) -> bool:
                 if not self.early_stop:
                     return False
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if can_stop_positive and detector.matched(text):
+                text = cast(str, self.tokenizer.decode(tokens, skip_special_tokens=True))  # one row: a str
+                if can_stop_positive and decided is not None and decided(text):
                     early[row] = True
                     return True
                 if len(tokens) >= self.decide_after:
@@ -437,9 +458,9 @@ class TrialEvaluator:
             )
             steps += max((len(t) for t in tokens), default=0)
             for row, (index, toks) in enumerate(zip(batch.order, tokens)):
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                text = cast(str, self.tokenizer.decode(toks, skip_special_tokens=True))  # one row: a str
                 responses[index] = text
-                decisions[index] = early[row] if row in early else bool(detector.is_refusal(text))
+                decisions[index] = early[row] if row in early else bool(detector.detect([text]).decisions[0])
         return [bool(d) for d in decisions], responses, steps
 
     def evaluate(self, start_layer: int = 0) -> TrialResult:

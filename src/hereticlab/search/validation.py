@@ -657,7 +657,16 @@ def validate_run(args: argparse.Namespace) -> RunInputs:
     check_dtype(args.dtype)
     check_device(args.device)
     check_model(args.model)
-    if behaviour == "refusal":
+    from ..core.prompts import PromptError
+    from ..measure.behaviours import get_behaviour
+
+    try:
+        preset = get_behaviour(behaviour)
+    except PromptError as exc:
+        raise EnvironmentProblem(
+            f"--behaviour {behaviour}: {exc}", "reinstall hereticlab (its prompt files are missing)"
+        ) from None
+    if preset.run_settings:  # refusal: the run's --harmful / --harmless / --system-prompt (runner.run_behaviour)
         for flag, source in (("--harmful", args.harmful), ("--harmless", args.harmless)):
             check_run_split(check_prompts(source, flag), flag, args.train_prompts, args.search_prompts)
     else:
@@ -671,11 +680,7 @@ def validate_run(args: argparse.Namespace) -> RunInputs:
                     f"{flag} is not used with --behaviour {behaviour} (it brings its own prompts and system prompts)",
                     f"leave {flag} out, or use --behaviour refusal",
                 )
-        from ..core.prompts import PromptError
-        from ..measure.behaviours import get_behaviour
-
         try:
-            preset = get_behaviour(behaviour)
             evals = preset.eval_pair(args.split_seed)
         except PromptError as exc:
             raise EnvironmentProblem(
