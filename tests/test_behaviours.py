@@ -45,7 +45,91 @@ def test_pairs_are_disjoint_reproducible_and_big_enough(name):
     if name != "refusal":
         assert [stem([p]) for p in bad_train] == [stem([p]) for p in good_train]  # the same questions, paired
         assert bad_train.system_prompt != good_train.system_prompt
-        assert bad_eval.system_prompt == bad_train.system_prompt
+        # evaluation is neutral: both sides are the same plain questions, no system prompt, no request
+        assert bad_eval.prompts == good_eval.prompts and bad_eval.system_prompt is good_eval.system_prompt is None
+        assert set(bad_eval) <= set(read_list("questions.txt"))
+
+
+def test_presets_evaluate_on_neutral_prompts_and_train_on_the_contrast():
+    """Search and test prompts carry no instruction that elicits the behaviour (the same plain questions for every
+    preset); the training pairs keep it: eliciting system prompt (and request) on the bad side only."""
+    from hereticlab.measure import behaviours as bh
+
+    plain = set(read_list("questions.txt"))
+    evals = {name: get_behaviour(name).eval_pair(3) for name in PRESETS[1:]}
+    first = evals["slop"][0].prompts
+    for name, (bad_eval, good_eval) in evals.items():
+        assert bad_eval.prompts == good_eval.prompts == first, name
+        assert bad_eval.system_prompt is None and not bad_eval.response_prefix and set(bad_eval) <= plain
+    elicit = {
+        "slop": (bh.SLOP_SYSTEM, ""),
+        "humour": (bh.JOKEY_SYSTEM, bh.JOKEY_REQUEST),
+        "verbosity": (bh.VERBOSE_SYSTEM, ""),
+    }
+    for name, (system, request) in elicit.items():
+        bad_train, good_train = get_behaviour(name).train_pair(3)
+        assert bad_train.system_prompt == system and good_train.system_prompt != system
+        assert all(p.endswith(request) for p in bad_train) and not any(request and request in p for p in good_train)
+        assert not set(bad_train.prompts) & plain if request else set(bad_train) <= plain
+    # the eval questions are the eval part of the same cut: never a training question
+    assert not set(first) & {p.split("? ")[0] + "?" for p in get_behaviour("humour").train_pair(3)[0]}
+    with pytest.raises(ValueError, match="same questions"):
+        get_behaviour("slop").with_sets(bad=hl.load_prompts(["a", "b"]))
+
+
+def test_contrast_check_rule_against_scipy_and_by_hand():
+    """Fisher exact (counts) and Welch t (mean scores), one-sided, pass at p < 0.05; p-values by hand and scipy."""
+    from scipy.stats import fisher_exact, ttest_ind
+
+    from hereticlab.measure.behaviours import check_contrast, fisher_greater, welch_greater
+
+    slop = get_behaviour("slop")
+    florid = "Let's delve into the rich tapestry of bread, a testament to human ingenuity."
+    plain = "Yeast makes gas and the dough rises."
+    for k_bad, k_good, expected in ((8, 0, 1 / 12870), (4, 0, 70 / 1820), (3, 0, 56 / 560), (0, 0, 1.0), (2, 5, None)):
+        check = check_contrast(
+            slop, [florid] * k_bad + [plain] * (8 - k_bad), [florid] * k_good + [plain] * (8 - k_good)
+        )
+        scipy_p = fisher_exact([[k_bad, 8 - k_bad], [k_good, 8 - k_good]], alternative="greater").pvalue
+        assert check.p_value == pytest.approx(scipy_p, rel=1e-12) == fisher_greater(k_bad, 8, k_good, 8)
+        if expected is not None:
+            assert check.p_value == pytest.approx(expected, rel=1e-12)
+        assert (check.measure_bad, check.measure_good) == (k_bad, k_good)
+        assert check.passed == (check.p_value < 0.05) == (k_bad >= 4 and k_good == 0)
+    failed = check_contrast(slop, [plain] * 8, [plain] * 8)
+    assert "preset 'slop'" in failed.message and "bad (eliciting) 0/8 vs good 0/8" in failed.message
+    assert "--skip-behaviour-check" in failed.message and "\n" not in failed.message
+
+    verbosity = get_behaviour("verbosity")
+    long, short = [" ".join(["word"] * n) for n in (40, 52, 61, 45)], [" ".join(["w"] * n) for n in (9, 12, 15, 11)]
+    check = check_contrast(verbosity, long, short)
+    scipy_p = ttest_ind([40, 52, 61, 45], [9, 12, 15, 11], equal_var=False, alternative="greater").pvalue
+    assert check.passed and check.p_value == pytest.approx(scipy_p, rel=1e-9) and check.measure_bad == 49.5
+    assert check.test == "Welch t" and "49.5 vs good 11.8" in check.summary
+    assert not check_contrast(verbosity, short, long).passed
+    assert welch_greater([3, 3], [1, 1]) == 0.0 and welch_greater([1, 1], [1, 1]) == 1.0  # zero variance
+
+
+def test_measure_contrast_generates_for_the_training_prompts(monkeypatch):
+    """The check generates for the first 8 bad and good *training* prompts (with their system prompts)."""
+    from hereticlab.measure import behaviours as bh
+
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, progress):
+        seen.append((prompts, max_new_tokens))
+        florid = prompts.system_prompt == bh.SLOP_SYSTEM
+        return ["a vibrant tapestry, a testament to delving" if florid else "plain words"] * len(prompts)
+
+    monkeypatch.setattr(bh, "generate", fake_generate)
+    slop = get_behaviour("slop")
+    check = bh.measure_contrast(None, None, slop, seed=2)
+    bad_train, good_train = slop.train_pair(2)
+    assert [(p.prompts, p.system_prompt, t) for p, t in seen] == [
+        (bad_train[:8].prompts, bh.SLOP_SYSTEM, 64),
+        (good_train[:8].prompts, bh.PLAIN_SYSTEM, 64),
+    ]
+    assert check.passed and (check.measure_bad, check.measure_good) == (8.0, 0.0) and check.max_new_tokens == 64
 
 
 def test_shipped_lists_are_big_and_clean():

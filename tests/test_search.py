@@ -85,30 +85,50 @@ def test_run_writes_every_artifact(finished_run):
     assert {"torch", "transformers", "optuna"} <= set(record["versions"])
 
 
-def test_exported_model_loads_in_plain_transformers_with_same_logits(finished_run):
+def _full_rank(edits):
+    """A LoRA rank that holds any weight delta of these writers exactly (min of each weight's dimensions)."""
+    return max(min(e.writer.weight.shape) for e in edits)
+
+
+@pytest.mark.parametrize("norm", ["none", "row", "column"])
+def test_exported_model_and_adapter_reproduce_the_edit(finished_run, tmp_path, norm):
+    """The merged export (plain transformers) and the LoRA adapter give the edited model's logits, for every norm
+    mode, and the edit itself moves the logits far more than the tolerance (so the match is not between two
+    unedited models). ``none``: the run's own export; ``row`` / ``column``: the chosen trial's parameters with that
+    norm mode, exported with the same functions the run uses."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model, tok = hl.load_model("tiny:llama")
-    directions = {"projected": hl.Directions.load(finished_run.out / "directions/projected.safetensors")}
-    edits = edits_from_params(model, directions, finished_run.record["chosen_trial"]["params"])
-    batch = hl.encode(tok, hl.format_chat(tok, ["hello there"]), torch.device("cpu"))
-    with hl.apply_edits(model, edits):
-        expected = model(**batch).logits
-    exported = AutoModelForCausalLM.from_pretrained(finished_run.out / "model")
-    assert torch.allclose(exported(**batch).logits, expected, atol=1e-5)
-
-
-def test_adapter_reproduces_the_edit(finished_run):
-    from peft import PeftModel
+    from hereticlab.interventions.export import save_adapter, save_merged
 
     model, tok = hl.load_model("tiny:llama")
     directions = {"projected": hl.Directions.load(finished_run.out / "directions/projected.safetensors")}
-    edits = edits_from_params(model, directions, finished_run.record["chosen_trial"]["params"])
-    batch = hl.encode(tok, hl.format_chat(tok, ["hello there"]), torch.device("cpu"))
-    with hl.apply_edits(model, edits):
-        expected = model(**batch).logits
-    peft_model = PeftModel.from_pretrained(model, finished_run.out / "adapter")
-    assert torch.allclose(peft_model(**batch).logits, expected, atol=1e-4)
+    params = {**finished_run.record["chosen_trial"]["params"], "norm": norm}
+    edits = edits_from_params(model, directions, params)
+    assert edits and {e.norm for e in edits} == {norm}
+    batch = hl.encode(tok, hl.format_chat(tok, ["hello there", "how do bees make honey?"]), torch.device("cpu"))
+    with torch.no_grad():
+        unedited = model(**batch).logits
+        with hl.apply_edits(model, edits):
+            expected = model(**batch).logits
+        assert torch.equal(model(**batch).logits, unedited)  # reverted exactly
+    mask = batch["attention_mask"].bool()
+    change = (expected - unedited).abs()[mask].max().item()
+    assert change > 1e-2, f"the {norm} edit barely changes the logits ({change:.2g}); the check below would be void"
+    if norm == "none":
+        merged, adapter, rank = finished_run.out / "model", finished_run.out / "adapter", None
+    else:
+        merged, adapter, rank = tmp_path / "model", tmp_path / "adapter", _full_rank(edits)
+        save_merged(model, tok, edits, merged)
+        save_adapter(model, edits, adapter, base_model="tiny:llama", rank=rank)
+    exported = AutoModelForCausalLM.from_pretrained(merged)
+    with torch.no_grad():
+        got = exported(**batch).logits
+    assert (got - expected).abs()[mask].max().item() < 1e-5 < change
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        got = peft_model(**batch).logits
+    assert (got - expected).abs()[mask].max().item() < 1e-4 < change
 
 
 def test_replay_reproduces_weight_hashes(finished_run, tmp_path):
@@ -117,14 +137,23 @@ def test_replay_reproduces_weight_hashes(finished_run, tmp_path):
 
 
 def test_pareto_and_choice(finished_run):
+    """The front equals the non-dominated unpruned trials found by comparing every pair (no exemption), and the
+    chosen trial is the lowest-refusal one with KL ≤ kl_max (ties: lower KL), found by sorting the table."""
     front = pareto(finished_run.study)
     assert len(front) >= 1 and front["refusals"].is_monotonic_increasing
     table = trials_table(finished_run.study)
-    for _, row in front.iterrows():  # no trial dominates a front member
-        assert (
-            not ((table.refusals <= row.refusals) & (table.kl < row.kl - 1e-12)).any()
-            or row.refusals == table.refusals.min()
-        )
+    done = [(int(r.trial), float(r.refusals), float(r.kl)) for r in table.itertuples() if not r.pruned]
+    assert done, "no unpruned trial: the front would be empty and this test void"
+
+    def dominates(a, b):
+        return a[1] <= b[1] and a[2] <= b[2] and (a[1] < b[1] or a[2] < b[2])
+
+    expected = sorted((t for t in done if not any(dominates(o, t) for o in done)), key=lambda t: (t[1], t[2]))
+    assert list(front["trial"]) == [t[0] for t in expected]
+    for kl_max in (1e9, *(t[2] for t in done)):  # every cut that changes which trials qualify
+        under = sorted((t for t in done if t[2] <= kl_max), key=lambda t: (t[1], t[2]))
+        assert choose_trial(finished_run.study, kl_max=kl_max).number == under[0][0]
+    assert finished_run.record["chosen_trial"]["number"] == sorted(done, key=lambda t: (t[1], t[2]))[0][0]
     with pytest.raises(hl.search.SearchError, match="does not exist"):
         choose_trial(finished_run.study, trial=999)
     with pytest.raises(hl.search.SearchError, match="no finished trial has KL"):
@@ -184,12 +213,59 @@ def test_resume_after_sigkill(tmp_path):
     assert kept >= 2
     study = optuna.load_study(study_name="hereticlab", storage=make_storage(str(journal)))
     before = {t.number: t.params for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
+    killed = [t.params for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING and t.params]
     target = kept + 2
     assert cli.main(cli_args(out, "--trials", str(target), "--no-export")) == 0
     study = optuna.load_study(study_name="hereticlab", storage=make_storage(str(journal)))
     after = {t.number: t.params for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(after) == target
     assert all(after[n] == p for n, p in before.items())
+    # a trial the kill left running is run again with its own parameters (when the kill caught one mid-trial)
+    assert all(p in after.values() for p in killed)
+    assert len({json.dumps(p, sort_keys=True) for p in after.values()}) == len(after)  # nothing run twice
+
+
+def test_resume_reruns_the_interrupted_trial_with_its_own_parameters(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of trial #2's evaluation (Optuna marks it FAIL), then the same command again: the study
+    ends with #0 and #1 as they were, #2's parameters evaluated as a COMPLETE trial, and every other complete trial
+    with parameters of its own (the resumed process must not replay the first process's random draws)."""
+    from hereticlab.search.evaluator import TrialEvaluator
+
+    config = RunConfig(out=str(tmp_path / "r"), **{**TINY, "trials": 5, "startup_trials": 5, "export": False})
+    evaluate = TrialEvaluator.evaluate_edits
+    calls = []
+
+    def interrupted_at_the_third(self, edits):
+        calls.append(len(edits))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(self, edits)
+
+    monkeypatch.setattr(TrialEvaluator, "evaluate_edits", interrupted_at_the_third)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, progress=False, log=lines.append)
+    assert any("run the same command again to resume" in line for line in lines)
+    storage = make_storage(str(tmp_path / "r" / "study.journal"))
+    first = optuna.load_study(study_name="hereticlab", storage=storage).get_trials()
+    states = [t.state.name for t in first]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "WAITING"], states
+    interrupted = first[2].params
+    assert interrupted and first[3].system_attrs["fixed_params"] == interrupted
+
+    monkeypatch.setattr(TrialEvaluator, "evaluate_edits", evaluate)
+    lines = []
+    result = run_search(config, progress=False, log=lines.append)
+    trials = result.study.get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", *["COMPLETE"] * 3]
+    assert [(t.number, t.params, t.values) for t in complete[:2]] == [(t.number, t.params, t.values) for t in first[:2]]
+    assert complete[2].number == 3 and complete[2].params == interrupted  # the interrupted trial, its own params
+    assert complete[2].user_attrs["params"] == {**first[2].user_attrs["params"]}
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == len(complete) == 5
+    # a second resume finds nothing to do and queues nothing again
+    again = run_search(config, progress=False, log=lines.append)
+    assert [t.state.name for t in again.study.get_trials()] == [t.state.name for t in trials]
 
 
 def test_two_workers_share_one_sqlite_study(tmp_path):
@@ -319,3 +395,28 @@ def test_run_record_has_the_behaviour_measure(finished_run):
     test = finished_run.record["test"]
     assert test["max_new_tokens"] == TINY["final_new_tokens"]
     assert test["measure_before"] == test["refusals_before"] and test["measure_after"] == test["refusals_after"]
+    assert "behaviour_check" not in finished_run.record  # refusal (run_settings) is not checked; its record as before
+
+
+def test_preset_without_contrast_stops_before_searching_and_the_skip_flag_goes_through(tmp_path, capsys):
+    """The tiny random model writes no slop whatever the system prompt: `run --behaviour slop` stops before any
+    trial with one line naming the preset and both measured values, and writes nothing (a later run with other
+    settings in the same --out is not refused). --skip-behaviour-check measures, warns and records, then searches."""
+    out = tmp_path / "slop"
+    args = ["--behaviour", "slop", "--trials", "1", "--startup-trials", "1"]
+    assert cli.main(cli_args(out, *args, "--search-prompts", "3", "--no-export")) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hereticlab: error: behaviour check failed for preset 'slop'"), err
+    assert "bad (eliciting) 0/8 vs good 0/8" in err[0] and "p = 1" in err[0]
+    assert "use a model that shows it" in err[0] and "--skip-behaviour-check" in err[0]
+    assert not out.exists() or not any(out.iterdir())  # no settings.json, no study: nothing a resume trips on
+
+    assert cli.main(cli_args(out, *args, "--skip-behaviour-check")) == 0
+    stdout = capsys.readouterr().out
+    assert "WARNING: behaviour check NOT ENFORCED (--skip-behaviour-check); it FAILED" in stdout
+    record = json.loads((out / "run.json").read_text())
+    check = record["behaviour_check"]
+    assert check["enforced"] is False and check["passed"] is False
+    assert (check["behaviour"], check["n_bad"], check["n_good"], check["measure_bad"]) == ("slop", 8, 8, 0.0)
+    assert check["rule"].startswith("Fisher exact one-sided p < 0.05") and record["n_trials"] == 1

@@ -9,6 +9,7 @@ Interface used by the search and the CLI::
     b = get_behaviour("refusal")               # or "slop", "humour", "verbosity"; BEHAVIOURS lists them
     bad_train, good_train = b.train_pair(seed)   # PromptSets for directions: r = mean(bad) − mean(good)
     bad_eval, good_eval = b.eval_pair(seed)      # behaviour measured on bad_eval, KL measured on good_eval
+                                                 # (style presets: both are the same *neutral* prompts)
     b.score(texts)      -> list[float]           # per-text score, higher = more of the behaviour
                                                  # (refusal: 1.0/0.0 decisions; slop/humour: hits per 100 words;
                                                  #  verbosity: words)
@@ -35,10 +36,19 @@ Interface used by the search and the CLI::
     b.run_settings      # True: a search run gives it the run's prompts, split and lengths (refusal:
                         # --harmful, --harmless, --system-prompt, --train-prompts, --decide-after, ...);
                         # False: it brings its own (the style presets)
+    b.neutral           # evaluation prompts without the eliciting instruction (presets: the plain questions)
+    measure_contrast(model, tok, b) -> ContrastCheck  # pre-search check: bad vs good training prompts differ?
 
 ``train_pair`` / ``eval_pair`` use the same ``seed`` to cut *disjoint* train and eval parts of each set; for the
 style behaviours the bad and good sets hold the same questions (only the system prompt differs), and the
 cut is the same for both, so an eval question is never a training question in either class.
+
+Neutral evaluation (``Behaviour.neutral``): the contrast that elicits a style behaviour (a florid or comedian system
+prompt, "Answer with a joke first.") belongs in the *training* pairs only. A search that measured "less humour" on
+prompts that ask for a joke would reward an edit that ignores instructions. So the presets evaluate (search and
+test splits, both sides) on the plain questions, with no system prompt and no request: the edit must remove the
+behaviour where the model shows it unasked. ``check_contrast`` / ``measure_contrast`` test, before a search, that
+the training pairs do differ on the behaviour's own measure (see ``ContrastCheck``).
 
 Presets ship their prompt sets and phrase lists in ``prompts/behaviours/`` (``questions.txt``,
 ``slop_phrases.txt``, ``humour_cues.txt``); refusal uses the named sets ``harmful`` / ``harmless``.
@@ -47,11 +57,17 @@ Build your own with ``Behaviour(...)`` and ``register(behaviour)``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..core.generation import generate
 from ..core.prompts import PromptError, PromptSet, _bundled_prompt_dirs, load_prompts
 from .detectors import Detector, answer_text, decided_many, prepare_response
 from .metrics import MarkerDetector, normalize_text
@@ -171,6 +187,10 @@ class Behaviour:
     search run replaces the prompt sets, ``n_train`` and the three lengths with its own settings (refusal); the
     style presets keep theirs. ``noun``: the plural noun logs use for a count ("refusals"); ``None`` = "responses
     with <name>".
+
+    ``neutral``: evaluation prompts without the instruction that elicits the behaviour, the same questions in the
+    same order as ``bad`` / ``good`` (the style presets: the plain questions). When set, ``eval_pair`` cuts *both*
+    sides from it with the same split as the training pairs, so the contrast lives in the training pairs only.
     """
 
     name: str
@@ -192,10 +212,16 @@ class Behaviour:
     final_new_tokens: int | None = None
     run_settings: bool = False
     noun: str | None = None
+    neutral: PromptSet | None = None
 
     def __post_init__(self) -> None:
         if self.count not in ("present", "mean"):
             raise ValueError(f"count must be 'present' or 'mean', not {self.count!r}")
+        if self.neutral is not None and not len(self.neutral) == len(self.bad) == len(self.good):
+            raise ValueError(
+                f"neutral must hold the same questions as bad and good (sizes {len(self.neutral)}, {len(self.bad)}, "
+                f"{len(self.good)}); pass neutral=None with other prompt sets"
+            )
         if self.early_stop_safe and (self.stopper is None or self.count != "present"):
             raise ValueError("early_stop_safe needs a monotone stopper and count='present'")
 
@@ -241,7 +267,13 @@ class Behaviour:
         return self._split(self.bad, seed)[0], self._split(self.good, seed)[0]
 
     def eval_pair(self, seed: int = 0) -> tuple[PromptSet, PromptSet]:
-        """``(bad_eval, good_eval)``: the behaviour is measured on ``bad_eval``, KL on ``good_eval``."""
+        """``(bad_eval, good_eval)``: the behaviour is measured on ``bad_eval``, KL on ``good_eval``.
+
+        With ``neutral`` both are its eval part (the questions of the bad / good eval parts, asked plainly): the same
+        positions as the bad / good cut, because ``PromptSet.split`` shuffles by position with ``seed``."""
+        if self.neutral is not None:
+            neutral = self._split(self.neutral, seed)[1]
+            return neutral, neutral
         return self._split(self.bad, seed)[1], self._split(self.good, seed)[1]
 
     def score(self, texts: Sequence[str]) -> list[float]:
@@ -263,11 +295,171 @@ class Behaviour:
         scores = self.score(texts)
         return sum(scores) / max(len(scores), 1)
 
-    def with_sets(self, bad: PromptSet | None = None, good: PromptSet | None = None, **changes: object) -> Behaviour:
+    def with_sets(self, bad: PromptSet | None = None, good: PromptSet | None = None, **changes: Any) -> Behaviour:
         """A copy with other prompt sets or settings (e.g. ``max_new_tokens``, ``n_train``, ``decide_after``)."""
         return replace(
             self, bad=bad if bad is not None else self.bad, good=good if good is not None else self.good, **changes
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pre-search check: do the training pairs differ on the behaviour's own measure?
+# ----------------------------------------------------------------------------------------------------------
+
+CHECK_PROMPTS = 8  # prompts per side of the pre-search check
+CHECK_NEW_TOKENS = 64  # its generation length (at most the behaviour's max_new_tokens)
+CHECK_ALPHA = 0.05  # one-sided significance level of its test
+
+
+def fisher_greater(k_bad: int, n_bad: int, k_good: int, n_good: int) -> float:
+    """One-sided Fisher exact p-value that the bad side's rate exceeds the good side's.
+
+    P(X ≥ k_bad) for X hypergeometric: ``k_bad + k_good`` positives spread over ``n_bad + n_good`` responses, of
+    which ``n_bad`` are on the bad side."""
+    total, n = k_bad + k_good, n_bad + n_good
+    denominator = math.comb(n, n_bad)
+    numerator = sum(math.comb(total, x) * math.comb(n - total, n_bad - x) for x in range(k_bad, min(total, n_bad) + 1))
+    return numerator / denominator
+
+
+def welch_greater(bad: Sequence[float], good: Sequence[float]) -> float:
+    """One-sided Welch t-test p-value that the bad side's mean exceeds the good side's (needs 2+ values a side).
+
+    When both sides have zero variance the test is degenerate: p = 0 if the bad mean is higher, else 1."""
+    if len(bad) < 2 or len(good) < 2:
+        raise ValueError("welch_greater needs at least 2 values on each side")
+    from scipy.stats import t
+
+    def mean_var(values: Sequence[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+    (m_bad, v_bad), (m_good, v_good) = mean_var(bad), mean_var(good)
+    se2_bad, se2_good = v_bad / len(bad), v_good / len(good)
+    if se2_bad + se2_good == 0:
+        return 0.0 if m_bad > m_good else 1.0
+    dof = (se2_bad + se2_good) ** 2 / (
+        (se2_bad**2 / (len(bad) - 1) if se2_bad else 0.0) + (se2_good**2 / (len(good) - 1) if se2_good else 0.0)
+    )
+    return float(t.sf((m_bad - m_good) / math.sqrt(se2_bad + se2_good), dof))
+
+
+@dataclass(frozen=True)
+class ContrastCheck:
+    """Outcome of the pre-search check (``check_contrast``): the behaviour's own measure on a few *bad* (eliciting)
+    vs *good* training prompts, and whether the bad side is higher by a one-sided test at level ``alpha``.
+
+    Rule: ``count == "present"``: Fisher's exact test on the two counts of responses where the behaviour is present;
+    ``count == "mean"``: Welch's t-test on the per-response scores. ``passed`` = p-value < ``alpha``. A preset whose
+    bad side does not show more of the behaviour than its good side gives the search nothing to remove.
+    """
+
+    behaviour: str
+    count: str
+    n_bad: int
+    n_good: int
+    measure_bad: float  # behaviour.measure on the bad side (a count, or a mean score)
+    measure_good: float
+    p_value: float
+    alpha: float
+    passed: bool
+    test: str
+    max_new_tokens: int | None = None
+    unit: str = ""  # the behaviour's unit ("responses with ≥2 slop phrases", "mean words")
+
+    def describe(self, side: str) -> str:
+        value, n = (self.measure_bad, self.n_bad) if side == "bad" else (self.measure_good, self.n_good)
+        return f"{value:.0f}/{n}" if self.count == "present" else f"{value:.1f}"
+
+    @property
+    def summary(self) -> str:
+        what = self.unit or ("responses with it" if self.count == "present" else "mean score")
+        return (
+            f"{self.behaviour} on {self.n_bad} + {self.n_good} training prompts ({what}): bad (eliciting) "
+            f"{self.describe('bad')} vs good {self.describe('good')}; {self.test} one-sided p = {self.p_value:.3g} "
+            f"(needs < {self.alpha})"
+        )
+
+    @property
+    def message(self) -> str:
+        """The one line that stops a search when the check fails."""
+        return (
+            f"behaviour check failed for preset {self.behaviour!r}: {self.summary}, so this model does not show the "
+            "behaviour more when asked for it and the search would have nothing to remove; use a model that shows "
+            "it, or other prompts (a Behaviour with your own bad/good sets), or pass --skip-behaviour-check to "
+            "search anyway"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "behaviour": self.behaviour,
+            "rule": f"{self.test} one-sided p < {self.alpha} (bad side above good side)",
+            "n_bad": self.n_bad,
+            "n_good": self.n_good,
+            "measure_bad": self.measure_bad,
+            "measure_good": self.measure_good,
+            "unit": self.unit,
+            "p_value": self.p_value,
+            "passed": self.passed,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+def check_contrast(
+    behaviour: Behaviour,
+    bad_texts: Sequence[str],
+    good_texts: Sequence[str],
+    *,
+    alpha: float = CHECK_ALPHA,
+    max_new_tokens: int | None = None,
+) -> ContrastCheck:
+    """The pre-search check on responses already generated to bad and good training prompts (see ``ContrastCheck``)."""
+    bad_texts, good_texts = list(bad_texts), list(good_texts)
+    if behaviour.count == "present":
+        k_bad, k_good = sum(behaviour.is_present(bad_texts)), sum(behaviour.is_present(good_texts))
+        p_value, test = fisher_greater(k_bad, len(bad_texts), k_good, len(good_texts)), "Fisher exact"
+    else:
+        p_value, test = welch_greater(behaviour.score(bad_texts), behaviour.score(good_texts)), "Welch t"
+    return ContrastCheck(
+        behaviour=behaviour.name,
+        count=behaviour.count,
+        n_bad=len(bad_texts),
+        n_good=len(good_texts),
+        measure_bad=behaviour.measure(bad_texts),
+        measure_good=behaviour.measure(good_texts),
+        p_value=p_value,
+        alpha=alpha,
+        passed=p_value < alpha,
+        test=test,
+        max_new_tokens=max_new_tokens,
+        unit=behaviour.unit,
+    )
+
+
+def measure_contrast(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    behaviour: Behaviour,
+    *,
+    seed: int = 0,
+    n: int = CHECK_PROMPTS,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    alpha: float = CHECK_ALPHA,
+) -> ContrastCheck:
+    """Generate greedily for the first ``n`` bad and good *training* prompts (``train_pair(seed)``; they only feed
+    the directions, so no evaluation prompt is used) and run ``check_contrast`` on the responses.
+
+    ``max_new_tokens``: default ``min(behaviour.max_new_tokens, CHECK_NEW_TOKENS)``."""
+    tokens = max_new_tokens or min(behaviour.max_new_tokens, CHECK_NEW_TOKENS)
+    bad_train, good_train = behaviour.train_pair(seed)
+    bad, good = bad_train[: min(n, len(bad_train))], good_train[: min(n, len(good_train))]
+    texts = {}
+    for side, prompts in (("bad", bad), ("good", good)):
+        texts[side] = generate(
+            model, tokenizer, prompts, max_new_tokens=tokens, batch_size=batch_size or len(prompts), progress=False
+        )
+    return check_contrast(behaviour, texts["bad"], texts["good"], alpha=alpha, max_new_tokens=tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +505,9 @@ def refusal_behaviour(detector: Detector | None = None) -> Behaviour:
 
     def decide(texts: Sequence[str]) -> list[bool]:
         detect = getattr(detector, "detect", None)  # the Detector protocol; a plain callable judge also works
-        return list(detect(list(texts)).decisions) if detect is not None else list(detector(texts))
+        if detect is not None:
+            return list(detect(list(texts)).decisions)
+        return list(cast(Callable[[Sequence[str]], list[bool]], detector)(texts))
 
     can_decide = getattr(detector, "decided", None) is not None
     stopper = (lambda texts: decided_many(detector, texts)) if can_decide else None
@@ -357,12 +551,14 @@ def _style_behaviour(
     good_suffix: str = "",
 ) -> Behaviour:
     """The same questions under a behaviour-eliciting and a discouraging system prompt (and optional request
-    suffixes in the user turn: small models follow a request there more readily than a system prompt)."""
+    suffixes in the user turn: small models follow a request there more readily than a system prompt) for the
+    training pairs; the plain questions (no system prompt, no request) for evaluation (``neutral``)."""
     base = questions()
     return Behaviour(
         name=name,
         bad=_with_suffix(base, bad_suffix).with_chat(system_prompt=bad_system),
         good=_with_suffix(base, good_suffix).with_chat(system_prompt=good_system),
+        neutral=base,
         scorer=scorer.score,
         decider=scorer.present,
         stopper=scorer.decided,
@@ -465,6 +661,9 @@ def get_behaviour(name: str | Behaviour = "refusal", **options: object) -> Behav
 __all__ = [
     "BEHAVIOURS",
     "Behaviour",
+    "ContrastCheck",
+    "check_contrast",
+    "measure_contrast",
     "LengthScorer",
     "PhraseScorer",
     "get_behaviour",

@@ -44,6 +44,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--behaviour", default="refusal", help="refusal (default) or a preset from hereticlab.behaviours")
     p.add_argument(
+        "--skip-behaviour-check",
+        action="store_true",
+        help="a preset's pre-search check (does the model show the behaviour more when asked?) is measured and "
+        "recorded but does not stop the run (for test models)",
+    )
+    p.add_argument(
         "--trials", type=int, default=30, help="finished trials the study should hold (resume continues to it)"
     )
     p.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE takes over")
@@ -119,7 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
     )
-    result = run_search(config, worker_trials=args.worker_trials)
+    result = run_search(config, worker_trials=args.worker_trials, check_behaviour=not args.skip_behaviour_check)
     if result.chosen is not None:
         import pandas as pd
 

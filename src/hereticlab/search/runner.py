@@ -15,19 +15,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.capture import capture_residuals
 from ..core.models import load_model
 from ..core.prompts import PromptSet, load_prompts
 from ..directions.base import Directions
 from ..directions.methods import DIRECTION_METHODS, compute_directions
-from ..measure.behaviours import Behaviour, get_behaviour
+from ..measure.behaviours import Behaviour, ContrastCheck, get_behaviour, measure_contrast
 from ..measure.detectors import DetectionResult
 from ..measure.metrics import first_token_logprobs, kl_divergence, refusal_rate
 from .evaluator import TrialEvaluator, TrialResult, tune_batch_size
@@ -42,7 +42,6 @@ from .study import (
     open_study,
     pareto,
     plot_pareto,
-    requeue_interrupted,
     trial_params,
     trials_table,
 )
@@ -188,7 +187,7 @@ def _compute_directions(
     tokenizer: PreTrainedTokenizerBase,
     bad: PromptSet,
     good: PromptSet,
-    methods: list[str],
+    methods: Sequence[str],
     batch_size: int | None = None,
 ) -> dict[str, Directions]:
     """Residuals of both training sets once, then ``directions.methods.compute_directions`` for each method.
@@ -231,7 +230,11 @@ def _load_or_compute_directions(
     return dirs
 
 
-def _check_run_dir(config: RunConfig, out: Path) -> None:
+def _check_run_dir(config: RunConfig, out: Path, *, write: bool = True) -> None:
+    """Stop when ``out`` holds a run with other settings; else (``write``) create it and write ``settings.json``.
+
+    ``run_search`` checks first (``write=False``) and writes only once the pre-search checks passed, so a run that
+    stops before searching leaves nothing a later run with other settings would trip on."""
     settings = out / "settings.json"
     if settings.exists():
         old = json.loads(settings.read_text())
@@ -242,9 +245,71 @@ def _check_run_dir(config: RunConfig, out: Path) -> None:
                 f"{out} holds a run with other settings ({first}: {diff[first][0]!r} there, "
                 f"{diff[first][1]!r} now); use another --out or the same settings to resume"
             )
-    else:
+    elif write:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(settings, json.dumps(config.identity(), indent=2))
+
+
+def behaviour_check(
+    config: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    behaviour: Behaviour,
+    *,
+    enforce: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """The pre-search check of a preset (``measure.behaviours.ContrastCheck``): does the model show the behaviour
+    more on the bad (eliciting) training prompts than on the good ones? Raises ``SearchError`` with one line when
+    it does not and ``enforce`` is True; returns the check as a dict for ``run.json`` (``enforced`` says whether it
+    could stop the run). A behaviour with ``run_settings`` (refusal) is not checked: returns None.
+    """
+    if behaviour.run_settings:
+        return None
+    check: ContrastCheck = measure_contrast(
+        model, tokenizer, behaviour, seed=config.split_seed, batch_size=config.batch_size
+    )
+    record = {**check.as_dict(), "enforced": enforce}
+    if enforce:
+        if not check.passed:
+            raise SearchError(check.message)
+        log(f"behaviour check passed: {check.summary}")
+    else:
+        outcome = "passed" if check.passed else "FAILED"
+        log(f"WARNING: behaviour check NOT ENFORCED (--skip-behaviour-check); it {outcome}: {check.summary}")
+    return record
+
+
+def _rerun_interrupted(study: optuna.Study, numbers: Sequence[int] = (), *, killed: bool = True) -> int:
+    """Enqueue the parameters of interrupted trials again, so that a resumed run evaluates each with its own
+    parameters. Returns how many were enqueued.
+
+    ``numbers``: trials this process started that failed because the run was interrupted (Optuna marks a trial
+    FAIL when ``KeyboardInterrupt`` leaves the objective). ``killed``: also mark trials left RUNNING by a killed
+    process as FAIL and enqueue them (only when no other worker can be running on this study).
+
+    Optuna's ``enqueue_trial(skip_if_exists=True)`` cannot be used: it counts the FAIL trial itself as the
+    existing copy and enqueues nothing. A trial is enqueued unless a waiting or complete trial already has its
+    parameters (a second interruption before the requeued trial ran does not queue it twice).
+    """
+    done_or_waiting = [
+        t.system_attrs.get("fixed_params", t.params)
+        for t in study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.COMPLETE)
+        )
+    ]
+    todo = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)) if t.number in numbers]
+    if killed:
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            todo.append(trial)
+    count = 0
+    for trial in todo:
+        if trial.params and trial.params not in done_or_waiting:
+            study.enqueue_trial(dict(trial.params))
+            done_or_waiting.append(trial.params)
+            count += 1
+    return count
 
 
 class BehaviourDetector:
@@ -308,10 +373,10 @@ def make_objective(
         trial.set_user_attr("params", params)
         edits = edits_from_params(model, directions, params, space.components)
         result = evaluator.evaluate_edits(edits)
-        value = result.refusals
+        value: float | None = result.refusals
         if measure is not None:
             trial.set_user_attr("present", result.refusals)
-            value = None if result.pruned else round(float(measure(result.responses)), 4)
+            value = None if result.pruned else round(float(measure(result.responses or [])), 4)
         trial.set_user_attr("kl", result.kl)
         trial.set_user_attr("refusals", value)
         trial.set_user_attr("pruned", result.pruned)
@@ -330,35 +395,47 @@ def make_objective(
 def run_search(
     config: RunConfig,
     *,
-    model: torch.nn.Module | None = None,
+    model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     space: SearchSpace | None = None,
     worker_trials: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    check_behaviour: bool = True,
 ) -> RunResult:
     """Run (or resume) a search and, unless ``config.export`` is False, choose a trial and export it.
 
     ``worker_trials``: run exactly this many trials in this process (several workers on one storage); otherwise
     run until the study holds ``config.trials`` finished trials.
+
+    ``check_behaviour``: a preset (not refusal) is first checked on a few training prompts (``behaviour_check``);
+    the run stops before anything is written when the model does not show the behaviour more when asked for it.
+    False (``--skip-behaviour-check``) still measures and records the check but does not stop (tiny test models).
     """
     out = Path(config.out)
-    _check_run_dir(config, out)
+    _check_run_dir(config, out, write=False)
     behaviour = run_behaviour(config)
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    if tokenizer is None:
+        raise SearchError("run_search got a model without its tokenizer; pass tokenizer= as well")
     splits = prompt_splits(config, behaviour)
+    contrast = behaviour_check(config, model, tokenizer, behaviour, enforce=check_behaviour, log=log)
+    _check_run_dir(config, out)
     storage = make_storage(config.storage, out)
     # A storage given explicitly (or a fixed trial count) means other workers may share the study: seed per trial.
+    shared = config.storage is not None or worker_trials is not None
     study = open_study(
-        config.study_name,
-        storage,
-        seed=config.seed,
-        n_startup_trials=config.startup_trials,
-        shared=config.storage is not None or worker_trials is not None,
+        config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials, shared=shared
     )
+    if not shared and study.get_trials(deepcopy=False):
+        # A resumed study: a fresh TPESampler(seed) would replay the first run's random draws (its start-up trials
+        # again, under new numbers); draw each trial from (seed, trial number) instead.
+        study = open_study(
+            config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials, shared=True
+        )
     if config.storage is None:
-        requeued = requeue_interrupted(study)
+        requeued = _rerun_interrupted(study)
         if requeued:
             log(f"resuming: {requeued} interrupted trial(s) will be run again")
     done_before = len(finished_trials(study))
@@ -368,7 +445,9 @@ def run_search(
     directions = _load_or_compute_directions(config, model, tokenizer, splits, out)
     space = space or SearchSpace(methods=tuple(config.methods), norms=tuple(config.norms))
     detector = BehaviourDetector(behaviour)
-    batch = config.batch_size or tune_batch_size(model, tokenizer, splits["bad_search"], candidates=(8, 16, 32, 64))
+    # (a PromptSet reads as a sequence of its prompts and carries its system prompt to the formatter)
+    search_prompts = cast(Sequence[str], splits["bad_search"])
+    batch = config.batch_size or tune_batch_size(model, tokenizer, search_prompts, candidates=(8, 16, 32, 64))
     # Each PromptSet carries its own system prompt (behaviours contrast two of them).
     evaluator = TrialEvaluator(
         model,
@@ -396,9 +475,17 @@ def run_search(
     )
     measure = worst = None
     if behaviour.objective_is_mean:  # e.g. verbosity: minimize mean words, not a count
-        measure, worst = behaviour.measure, behaviour.measure(baseline.responses)
+        measure, worst = behaviour.measure, behaviour.measure(baseline.responses or [])
         log(f"objective: mean {behaviour.unit.removeprefix('mean ')} per response (baseline {worst:.1f})")
-    objective = make_objective(evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst)
+    search_objective = make_objective(
+        evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst
+    )
+    started: list[int] = []  # trials this process started (an interrupted one is enqueued again)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        started.append(trial.number)
+        return search_objective(trial)
+
     todo = worker_trials if worker_trials is not None else max(0, config.trials - len(finished_trials(study)))
     interrupted = False
     if todo:
@@ -418,6 +505,7 @@ def run_search(
             study.optimize(objective, n_trials=todo, callbacks=callbacks, catch=())
         except KeyboardInterrupt:
             interrupted = True
+            _rerun_interrupted(study, started[-1:], killed=False)
             log(
                 f"\nstopped: {len(finished_trials(study))} finished trial(s) are kept in the study; "
                 "run the same command again to resume"
@@ -446,6 +534,7 @@ def run_search(
         behaviour=behaviour,
         seconds=time.perf_counter() - t0,
         log=log,
+        behaviour_check=contrast,
     )
     result.record = finalize(replace(config, batch_size=max(batch, 32)), context)
     write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
@@ -472,7 +561,7 @@ def write_tables(study: optuna.Study, out: Path, *, kl_max: float, chosen: int |
 class FinalContext:
     """What ``finalize`` needs from the search that ran before it (the settings come from ``RunConfig``)."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     study: optuna.Study
     chosen: optuna.trial.FrozenTrial
@@ -484,6 +573,7 @@ class FinalContext:
     behaviour: Behaviour | None = None  # None: run_behaviour(config)
     seconds: float = 0.0
     log: Callable[[str], None] = print
+    behaviour_check: dict[str, Any] | None = None  # the pre-search check of a preset (None: refusal, not checked)
 
 
 def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
@@ -579,6 +669,8 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
         "adapter_dir": "adapter" if adapter else None,
         "weights_sha256": hashes,
     }
+    if context.behaviour_check is not None:  # presets only: refusal's record keeps its keys
+        record["behaviour_check"] = context.behaviour_check
     _atomic_write(out / "run.json", json.dumps(record, indent=2, default=str))
     return record
 
@@ -587,7 +679,7 @@ def replay(
     record_path: str | Path,
     out: str | Path | None = None,
     *,
-    model: torch.nn.Module | None = None,
+    model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, str]:
     """Recreate a run's chosen edit on its base model and save it; returns the weight hashes (compare with run.json)."""
