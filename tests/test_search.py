@@ -131,6 +131,31 @@ def test_exported_model_and_adapter_reproduce_the_edit(finished_run, tmp_path, n
     assert (got - expected).abs()[mask].max().item() < 1e-4 < change
 
 
+def test_adapter_truncation_is_reported_exactly(finished_run):
+    """``lora_factors(errors=)`` reports ‖ΔW − BA‖ / ‖ΔW‖ per module: 0 for a plain edit, the hand-computed error
+    of the rank-r truncation for a norm-preserving one (which the run logs and writes to run.json)."""
+    from hereticlab.interventions.export import lora_factors
+
+    model, _ = hl.load_model("tiny:llama")
+    directions = {"projected": hl.Directions.load(finished_run.out / "directions/projected.safetensors")}
+    params = finished_run.record["chosen_trial"]["params"]
+    errors: dict[str, float] = {}
+    lora_factors(model, edits_from_params(model, directions, {**params, "norm": "none"}), errors=errors)
+    assert errors and set(errors.values()) == {0.0}
+    edits = edits_from_params(model, directions, {**params, "norm": "row"})
+    errors = {}
+    factors = lora_factors(model, edits, rank=2, errors=errors)
+    assert max(errors.values()) > 1e-3  # a row-norm edit is not rank 2
+    for name, (A, B) in factors.items():
+        module = model.get_submodule(name)
+        with hl.apply_edits(model, [e for e in edits if e.writer.module is module]):
+            delta = module.weight.detach().clone()
+        delta -= module.weight.detach()
+        by_hand = ((delta - B @ A).norm() / delta.norm()).item()
+        assert errors[name] == pytest.approx(by_hand, rel=1e-3, abs=1e-6)
+    assert "adapter_max_relative_error" in finished_run.record
+
+
 def test_replay_reproduces_weight_hashes(finished_run, tmp_path):
     hashes = replay(finished_run.out / "run.json", tmp_path / "replayed")
     assert hashes == finished_run.record["weights_sha256"]

@@ -76,7 +76,12 @@ def _check_lora_writer(writer: Writer) -> None:
 
 
 def lora_factors(
-    model: nn.Module, edits: Sequence[WriterEdit], rank: int | None = None, *, exact: bool = False
+    model: nn.Module,
+    edits: Sequence[WriterEdit],
+    rank: int | None = None,
+    *,
+    exact: bool = False,
+    errors: dict[str, float] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Low-rank factors ``(A [r, in], B [out, r])`` with ``B @ A = W_edited − W`` for each edited ``nn.Linear``.
 
@@ -84,6 +89,8 @@ def lora_factors(
     Norm-preserving edits are not low-rank: their delta is truncated by SVD to ``rank`` (default 8).
     ``exact=True``: raise ``ExportError`` instead of truncating (a discarded singular value above ``1e-5`` of the
     largest), for callers that must apply exactly the planned edit (a reference evaluation).
+    ``errors``: if given, receives per module the relative Frobenius error ``‖ΔW − BA‖ / ‖ΔW‖`` of the factors
+    (0 for exact factorizations), so that a truncated adapter is reported rather than silent.
     """
     backup = WeightBackup()
     per_module: dict[int, list[WriterEdit]] = {}
@@ -100,6 +107,7 @@ def lora_factors(
             q = e.basis.to(device=W.device, dtype=torch.float32)
             B = -e.strength * q
             A = q.T @ W.float()
+            error = 0.0
         else:
             edited = backup.save(module_edits[0].writer.weight).float()
             for e in module_edits:
@@ -114,6 +122,10 @@ def lora_factors(
                     "LoRA adapter would change it; apply the edit to the weights instead"
                 )
             B, A = U[:, :r] * S[:r], Vh[:r]
+            total = float(S.square().sum())
+            error = (float(S[r:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+        if errors is not None:
+            errors[name] = error
         factors[name] = (A.to(W.dtype), B.to(W.dtype))
     return factors
 
@@ -208,12 +220,14 @@ def save_adapter(
     *,
     base_model: str | None = None,
     rank: int | None = None,
+    errors: dict[str, float] | None = None,
 ) -> Path:
     """Save the edit as a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-    The model is unwrapped again afterwards, unchanged.
+    The model is unwrapped again afterwards, unchanged. ``errors``: see ``lora_factors`` (norm-preserving edits are
+    truncated to ``rank``; the merged model is the exact edit).
     """
-    factors = lora_factors(model, edits, rank)
+    factors = lora_factors(model, edits, rank, errors=errors)
     peft_model = attach_lora(model, factors)
     try:
         if base_model:

@@ -638,13 +638,19 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
         )
         if behaviour.objective_is_mean:
             log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
-    hashes, adapter = {}, None
+    hashes, adapter, adapter_errors = {}, None, {}
     if config.export:
         hashes = save_merged(model, tokenizer, edits, out / "model")
         try:
-            adapter = str(save_adapter(model, edits, out / "adapter", base_model=config.model))
+            adapter = str(save_adapter(model, edits, out / "adapter", base_model=config.model, errors=adapter_errors))
         except Exception as exc:  # noqa: BLE001 - an adapter is a convenience; the merged model is the result
             log(f"adapter export skipped: {exc}")
+        worst = max(adapter_errors.values(), default=0.0)
+        if adapter and worst > 1e-6:
+            log(
+                f"adapter/ is a rank-8 approximation of this norm-preserving edit (largest relative error of a "
+                f"module's weight change {worst:.2%}); model/ holds the exact edit"
+            )
     record = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "versions": package_versions(),
@@ -667,6 +673,7 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "model_dir": "model" if hashes else None,
         "adapter_dir": "adapter" if adapter else None,
+        "adapter_max_relative_error": max(adapter_errors.values(), default=None),
         "weights_sha256": hashes,
     }
     if context.behaviour_check is not None:  # presets only: refusal's record keeps its keys
