@@ -638,7 +638,9 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
         )
         if behaviour.objective_is_mean:
             log(f"held-out {behaviour.unit}: {report['measure_before']:.1f} → {report['measure_after']:.1f}")
-    hashes, adapter, adapter_errors = {}, None, {}
+    hashes: dict[str, str] = {}
+    adapter: str | None = None
+    adapter_errors: dict[str, float] = {}
     if config.export:
         hashes = save_merged(model, tokenizer, edits, out / "model")
         try:
