@@ -57,7 +57,6 @@ Build your own with ``Behaviour(...)`` and ``register(behaviour)``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -312,36 +311,27 @@ CHECK_ALPHA = 0.05  # one-sided significance level of its test
 
 
 def fisher_greater(k_bad: int, n_bad: int, k_good: int, n_good: int) -> float:
-    """One-sided Fisher exact p-value that the bad side's rate exceeds the good side's.
+    """One-sided Fisher exact p-value that the bad side's rate ``k_bad / n_bad`` exceeds the good side's
+    (``scipy.stats.fisher_exact``, alternative "greater", on the 2×2 table of present / absent per side)."""
+    from scipy.stats import fisher_exact
 
-    P(X ≥ k_bad) for X hypergeometric: ``k_bad + k_good`` positives spread over ``n_bad + n_good`` responses, of
-    which ``n_bad`` are on the bad side."""
-    total, n = k_bad + k_good, n_bad + n_good
-    denominator = math.comb(n, n_bad)
-    numerator = sum(math.comb(total, x) * math.comb(n - total, n_bad - x) for x in range(k_bad, min(total, n_bad) + 1))
-    return numerator / denominator
+    table = [[k_bad, n_bad - k_bad], [k_good, n_good - k_good]]
+    return float(fisher_exact(table, alternative="greater").pvalue)
 
 
 def welch_greater(bad: Sequence[float], good: Sequence[float]) -> float:
-    """One-sided Welch t-test p-value that the bad side's mean exceeds the good side's (needs 2+ values a side).
+    """One-sided Welch t-test p-value that the bad side's mean exceeds the good side's (needs 2+ values a side;
+    ``scipy.stats.ttest_ind(equal_var=False)``).
 
-    When both sides have zero variance the test is degenerate: p = 0 if the bad mean is higher, else 1."""
+    When both sides have zero variance the test is degenerate (scipy gives NaN): p = 0 if the bad mean is higher,
+    else 1."""
     if len(bad) < 2 or len(good) < 2:
         raise ValueError("welch_greater needs at least 2 values on each side")
-    from scipy.stats import t
+    from scipy.stats import ttest_ind
 
-    def mean_var(values: Sequence[float]) -> tuple[float, float]:
-        mean = sum(values) / len(values)
-        return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-
-    (m_bad, v_bad), (m_good, v_good) = mean_var(bad), mean_var(good)
-    se2_bad, se2_good = v_bad / len(bad), v_good / len(good)
-    if se2_bad + se2_good == 0:
-        return 0.0 if m_bad > m_good else 1.0
-    dof = (se2_bad + se2_good) ** 2 / (
-        (se2_bad**2 / (len(bad) - 1) if se2_bad else 0.0) + (se2_good**2 / (len(good) - 1) if se2_good else 0.0)
-    )
-    return float(t.sf((m_bad - m_good) / math.sqrt(se2_bad + se2_good), dof))
+    if len(set(bad)) == 1 and len(set(good)) == 1:
+        return 0.0 if bad[0] > good[0] else 1.0
+    return float(ttest_ind(list(bad), list(good), equal_var=False, alternative="greater").pvalue)
 
 
 @dataclass(frozen=True)
