@@ -245,8 +245,14 @@ def test_resume_after_sigkill(tmp_path):
     after = {t.number: t.params for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(after) == target
     assert all(after[n] == p for n, p in before.items())
-    # a trial the kill left running is run again with its own parameters (when the kill caught one mid-trial)
-    assert all(p in after.values() for p in killed)
+    # a trial the kill left running is run again with the parameters it had drawn: all of them, or, when the kill
+    # came while they were being written to the journal (then a stale lock file delays the resume), the ones
+    # written, the rest drawn anew. Continuous values make a chance match impossible.
+    complete_size = max(len(a) for a in after.values())
+    for p in killed:
+        if p not in after.values():
+            assert len(p) < complete_size, f"the killed trial's full parameters {p} were not run again"
+            assert any(all(a.get(k) == v for k, v in p.items()) for a in after.values()), p
     assert len({json.dumps(p, sort_keys=True) for p in after.values()}) == len(after)  # nothing run twice
 
 
