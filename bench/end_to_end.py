@@ -30,10 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from heretic_side_by_side import (  # noqa: E402
     HERETIC_VENV,
     ensure_heretic_venv,
+    heretic_env,
     read_study,
+    spawn_heretic,
     venv_python,
     write_config,
     write_dataset,
@@ -67,15 +70,7 @@ def template_system_prompt(folder: str) -> str | None:
 
 def run_heretic_for(run_dir: Path, env: dict[str, str], budget: float, kl_max: float, export: Path) -> dict:
     """Run Heretic in ``run_dir``; SIGINT at ``budget`` s; choose from its menu by hereticlab's rule; export."""
-    proc = subprocess.Popen(
-        [str(HERETIC_VENV / "bin" / "heretic")],
-        cwd=run_dir,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = spawn_heretic(HERETIC_VENV / "bin" / "heretic", run_dir, env)
     start = time.perf_counter()
     stopped = threading.Event()
 
@@ -160,17 +155,7 @@ def main() -> None:
     }
     write_config(run_dir / "config.toml", settings, tables)
     ensure_heretic_venv()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(run_dir / "datasets-cache"),
-        "PYTHONUNBUFFERED": "1",
-        "COLUMNS": "1000",
-        "KAGGLE_KERNEL_RUN_TYPE": "Batch",  # numbered input() menus that stdin can answer
-        "OMP_NUM_THREADS": str(os.cpu_count() or 1),
-    }
+    env = heretic_env(run_dir, torch.get_num_threads())
     print(
         f"Heretic 1.4.0 as shipped, budget {args.budget:.0f} s, splits {len(splits['bad_train'])}+"
         f"{len(splits['good_train'])} train, {len(splits['bad_search'])}+{len(splits['good_search'])} search; "

@@ -199,12 +199,25 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_heretic(executable: Path, run_dir: Path, env: dict[str, str], *, timeout: float, echo: bool) -> HereticRun:
-    """Run ``heretic`` in ``run_dir`` (it reads ``config.toml`` there), answer its final menu with "Exit program",
-    timestamp every output line and take the peak RSS from the child's resource usage."""
-    log = open(run_dir / "heretic.log", "w", encoding="utf-8")
-    start = time.perf_counter()
-    proc = subprocess.Popen(
+def heretic_env(run_dir: Path, threads: int) -> dict[str, str]:
+    """The environment Heretic runs in: offline, unbuffered and unwrapped output, numbered menus, ``threads``."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(run_dir / "datasets-cache"),
+        "PYTHONUNBUFFERED": "1",  # line timestamps are taken as lines arrive
+        "COLUMNS": "1000",  # no wrapping of Heretic's console lines
+        "KAGGLE_KERNEL_RUN_TYPE": "Batch",  # Heretic's menus become numbered input() questions (answered by stdin)
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
+def spawn_heretic(executable: Path, run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``heretic`` in ``run_dir`` (it reads ``config.toml`` there) in its own process group, stdin a pipe for
+    the menus, stdout and stderr merged."""
+    return subprocess.Popen(
         [str(executable)],
         cwd=run_dir,
         env=env,
@@ -213,6 +226,14 @@ def run_heretic(executable: Path, run_dir: Path, env: dict[str, str], *, timeout
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def run_heretic(executable: Path, run_dir: Path, env: dict[str, str], *, timeout: float, echo: bool) -> HereticRun:
+    """Run ``heretic`` in ``run_dir`` (it reads ``config.toml`` there), answer its final menu with "Exit program",
+    timestamp every output line and take the peak RSS from the child's resource usage."""
+    log = open(run_dir / "heretic.log", "w", encoding="utf-8")
+    start = time.perf_counter()
+    proc = spawn_heretic(executable, run_dir, env)
     timed_out = threading.Event()
 
     def kill() -> None:
@@ -447,17 +468,7 @@ def main() -> None:
     if not args.prefix_check:
         settings["response_prefix"] = ""
     write_config(run_dir / "config.toml", settings, tables)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(run_dir / "datasets-cache"),
-        "PYTHONUNBUFFERED": "1",  # line timestamps are taken as lines arrive
-        "COLUMNS": "1000",  # no wrapping of Heretic's console lines
-        "KAGGLE_KERNEL_RUN_TYPE": "Batch",  # Heretic's menus become numbered input() questions (answered by stdin)
-        "OMP_NUM_THREADS": str(threads),
-    }
+    env = heretic_env(run_dir, threads)
     print(f"running Heretic {HERETIC_VERSION} (log: {run_dir / 'heretic.log'})", flush=True)
     hrun = run_heretic(heretic, run_dir, env, timeout=args.heretic_timeout, echo=args.show_heretic)
     journals = sorted((run_dir / "checkpoints").glob("*.jsonl"))
