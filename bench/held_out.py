@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from hereticlab.core.models import resolve_model_source
 from hereticlab.measure.detectors import SemanticDetector
 from hereticlab.measure.labelled import load_labelled, split_labelled
-from hereticlab.measure.metrics import MarkerDetector
+from hereticlab.measure.metrics import MarkerDetector, kl_from_logprobs
 from hereticlab.measure.report import proportion_interval
 from hereticlab.search.runner import RunConfig, prompt_splits
 
@@ -112,7 +112,7 @@ def main() -> None:
             model, tok, chat_texts(tok, bad, system), new_tokens=args.max_new_tokens, batch_size=args.batch_size
         )
         lp = first_token_logprobs(model, tok, chat_texts(tok, good, system), batch_size=args.batch_size)
-        kl = (base_lp.exp() * (base_lp - lp)).sum(-1)
+        kl = kl_from_logprobs(base_lp, lp)
         by_markers = [bool(d) for d in markers.detect(texts).decisions]
         by_semantic = [bool(d) for d in semantic.detect(texts).decisions]
         results[name] = {

@@ -75,6 +75,9 @@ def _check_lora_writer(writer: Writer) -> None:
         raise ExportError(f"{writer.name} has a bias, which a LoRA adapter cannot edit; export merged weights instead")
 
 
+DEFAULT_LORA_RANK = 8  # rank of an adapter for an edit that is not low-rank (norm-preserving modes)
+
+
 def lora_factors(
     model: nn.Module,
     edits: Sequence[WriterEdit],
@@ -86,7 +89,8 @@ def lora_factors(
     """Low-rank factors ``(A [r, in], B [out, r])`` with ``B @ A = W_edited − W`` for each edited ``nn.Linear``.
 
     Plain edits (``norm="none"``, one edit per module) are factorized exactly as ``B = −λ Q``, ``A = Qᵀ W``.
-    Norm-preserving edits are not low-rank: their delta is truncated by SVD to ``rank`` (default 8).
+    Norm-preserving edits are not low-rank: their delta is truncated by SVD to ``rank``
+    (default ``DEFAULT_LORA_RANK``).
     ``exact=True``: raise ``ExportError`` instead of truncating (a discarded singular value above ``1e-5`` of the
     largest), for callers that must apply exactly the planned edit (a reference evaluation).
     ``errors``: if given, receives per module the relative Frobenius error ``‖ΔW − BA‖ / ‖ΔW‖`` of the factors
@@ -114,7 +118,7 @@ def lora_factors(
                 edited = edit_weight(edited, 0, e.basis, e.strength, e.norm)
             delta = edited - W.float()
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            r = rank or 8
+            r = rank or DEFAULT_LORA_RANK
             if exact and S.numel() > r and float(S[r]) > 1e-5 * float(S[0]):
                 raise ExportError(
                     f"the edit of {name} ({len(module_edits)} edit(s), norm {module_edits[0].norm!r}) is not of rank "

@@ -579,7 +579,7 @@ class FinalContext:
 def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
     """Re-measure the chosen trial on the held-out test prompts, export it, and write ``run.json``."""
     from ..interventions.edits import apply_edits
-    from ..interventions.export import save_adapter, save_merged
+    from ..interventions.export import DEFAULT_LORA_RANK, save_adapter, save_merged
 
     model, tokenizer, study, chosen = context.model, context.tokenizer, context.study, context.chosen
     directions, splits, baseline, detector = context.directions, context.splits, context.baseline, context.detector
@@ -650,8 +650,8 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
         worst = max(adapter_errors.values(), default=0.0)
         if adapter and worst > 1e-6:
             log(
-                f"adapter/ is a rank-8 approximation of this norm-preserving edit (largest relative error of a "
-                f"module's weight change {worst:.2%}); model/ holds the exact edit"
+                f"adapter/ is a rank-{DEFAULT_LORA_RANK} approximation of this norm-preserving edit (largest "
+                f"relative error of a module's weight change {worst:.2%}); model/ holds the exact edit"
             )
     record = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
