@@ -24,8 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hereticlab.core.models import resolve_model_source
-from hereticlab.measure.detectors import SemanticDetector
-from hereticlab.measure.labelled import load_labelled, split_labelled
+from hereticlab.measure.labelled import calibrated_semantic_detector
 from hereticlab.measure.metrics import MarkerDetector, kl_from_logprobs
 from hereticlab.measure.report import proportion_interval
 from hereticlab.search.runner import RunConfig, prompt_splits
@@ -92,11 +91,8 @@ def main() -> None:
     bad, good = list(splits["bad_test"]), list(splits["good_test"])
     system = splits["bad_test"].system_prompt
     # the semantic judge as calibrated in notes/issue-9.md (logistic on the labelled set's calibration half)
-    calibration, _ = split_labelled(load_labelled())
     markers = MarkerDetector()
-    semantic = SemanticDetector(classifier="logistic").fit(
-        calibration["response"].tolist(), calibration["label"].tolist()
-    )
+    semantic = calibrated_semantic_detector()
     print(
         f"held-out test prompts: {len(bad)} harmful, {len(good)} harmless; {args.max_new_tokens} greedy tokens; "
         f"system prompt: {system or 'the template default'}; torch threads {torch.get_num_threads()}"

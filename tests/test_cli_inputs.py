@@ -58,6 +58,18 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("split-too-small", [*RUN, "--train-prompts", "250", "--search-prompts", "60"], 2, "split needs 311"),
     ("kl-max-negative", [*RUN, "--kl-max", "-0.1"], 2, "--kl-max must be greater than 0"),
     ("kl-max-nan", [*RUN, "--kl-max", "nan"], 2, "finite"),
+    ("objectives-unknown", [*RUN, "--objectives", "refusals,kl,ppl"], 2, "--objectives 'refusals,kl,ppl'"),
+    ("objectives-order", [*RUN, "--objectives", "kl,refusals"], 2, "refusals,kl,nll"),
+    ("max-nll-negative", [*RUN, "--max-nll-increase", "-0.1"], 2, "--max-nll-increase must be"),
+    ("min-retention-percent", [*RUN, "--min-retention", "97"], 2, "fraction between 0 and 1"),
+    ("finalists-negative", [*RUN, "--finalists", "-1"], 2, "--finalists must be at least 0"),
+    ("judge-tokens-zero", [*RUN, "--judge-new-tokens", "0"], 2, "--judge-new-tokens must be at least 1"),
+    (
+        "nll-with-preset",
+        [*RUN, "--behaviour", "slop", "--objectives", "refusals,kl,nll"],
+        2,
+        "apply to refusal only",
+    ),
     ("seed-negative", [*RUN, "--seed", "-1"], 2, "--seed"),
     ("behaviour-unknown", [*RUN, "--behaviour", "rudeness"], 2, "unknown behaviour 'rudeness'"),
     (

@@ -53,6 +53,21 @@ def test_bootstrap_interval_is_seeded_and_covers_the_estimate():
         bootstrap_interval([1.0])
 
 
+def test_bootstrap_interval_resamples_rows_of_pairs_whole():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=60)
+    rows = np.stack([x, x + 0.5 * rng.normal(size=60)], axis=1)  # strongly related pairs
+    rho, low, high = bootstrap_interval(rows, lambda r: spearmanr(r[:, 0], r[:, 1]).statistic, n_resamples=500)
+    assert rho == pytest.approx(spearmanr(rows[:, 0], rows[:, 1]).statistic)
+    assert 0.6 < low < rho < high <= 1.0
+    # unrelated pairs: the interval covers 0
+    shuffled = np.stack([x, rng.permutation(x)], axis=1)
+    _, low, high = bootstrap_interval(shuffled, lambda r: spearmanr(r[:, 0], r[:, 1]).statistic, n_resamples=500)
+    assert low < 0 < high
+
+
 def test_estimate_refuses_a_value_outside_its_interval():
     with pytest.raises(ValueError, match="low <= value <= high"):
         Estimate(0.5, 0.6, 0.9)

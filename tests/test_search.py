@@ -33,6 +33,9 @@ TINY = dict(
     max_new_tokens=6,
     decide_after=4,
     final_new_tokens=4,
+    judge_new_tokens=4,
+    over_refusal_new_tokens=4,
+    capability_new_tokens=4,
     batch_size=8,
     kl_max=1e9,
 )
@@ -57,6 +60,12 @@ def cli_args(out, *extra):
         "8",
         "--kl-max",
         "1e9",
+        "--judge-new-tokens",
+        "4",
+        "--over-refusal-new-tokens",
+        "4",
+        "--capability-new-tokens",
+        "4",
         *extra,
     ]
 

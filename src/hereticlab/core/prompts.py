@@ -191,7 +191,8 @@ def format_chat(
     texts = []
     for prompt in prompts:
         if getattr(tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            # "" is an empty system message (a template that injects a default when none is given then has none)
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + [
                 {"role": "user", "content": prompt}
             ]
             text = cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
@@ -201,6 +202,61 @@ def format_chat(
             text += "<think>\n\n</think>\n\n"
         texts.append(text + response_prefix)
     return texts
+
+
+GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def system_prompt_variants(tokenizer: PreTrainedTokenizerBase, own: str | None = None) -> dict[str, str | None]:
+    """The distinct ways an exported model is likely to be prompted, as ``{name: system_prompt}``.
+
+    ``own``: the run's system prompt (``None``: the template's default). The candidates, in order: ``"own"``,
+    ``"template default"`` (no system message: whatever the chat template puts there by itself), ``"empty"`` (an
+    empty system message: the nearest to *no system prompt* a template that injects a default allows),
+    ``"generic"`` (``GENERIC_SYSTEM_PROMPT``). A candidate that renders the same text as an earlier one is left out
+    (so without a chat template, or when ``own`` is ``None``, fewer remain); so is one the template rejects (a
+    template without a system role keeps only the variants without a system message).
+    """
+    candidates: list[tuple[str, str | None]] = [
+        ("own", own),
+        ("template default", None),
+        ("empty", ""),
+        ("generic", GENERIC_SYSTEM_PROMPT),
+    ]
+    variants: dict[str, str | None] = {}
+    rendered: set[str] = set()
+    for name, system_prompt in candidates:
+        try:
+            text = format_chat(tokenizer, ["Hello"], system_prompt=system_prompt)[0]
+        except Exception:  # noqa: BLE001 - e.g. Gemma's template raises on a system role: that variant cannot occur
+            continue
+        if text not in rendered:
+            rendered.add(text)
+            variants[name] = system_prompt
+    return variants
+
+
+def spread_system_prompts(prompts: PromptSet, variants: dict[str, str | None]) -> list[PromptSet]:
+    """Deal ``prompts`` round-robin across the system prompts of ``variants`` (``system_prompt_variants``): one
+    ``PromptSet`` per variant (``meta["variant"]`` names it), in ``variants`` order; together they hold every prompt
+    once. A measure averaged over them covers every way the model will be prompted."""
+    if not variants:
+        raise PromptError("no system prompt variants to spread the prompts across; pass at least one")
+    names = list(variants)
+    groups = []
+    for k, name in enumerate(names):
+        part = prompts.prompts[k :: len(names)]
+        if part:
+            groups.append(
+                replace(
+                    prompts,
+                    prompts=part,
+                    name=f"{prompts.name} [{name}]",
+                    system_prompt=variants[name],
+                    meta={**prompts.meta, "variant": name},
+                )
+            )
+    return groups
 
 
 def strip_thinking(text: str) -> str:

@@ -441,3 +441,65 @@ def answer_nll(
     )
     empty = torch.tensor([not tok.encode(a, add_special_tokens=False) for a in answers])
     return torch.where(empty, torch.full_like(nll, math.nan), nll)
+
+
+@dataclass
+class AnswerNLLProxy:
+    """The search's per-trial capability proxy: the unedited model's own greedy answers to harmless prompts,
+    re-scored teacher-forced under each edit (one prefill per trial, no decoding).
+
+    ``groups``: the harmless prompts, as one or several ``PromptSet`` (several when the prompts are spread across
+    system prompts); ``answers``: one reference answer per prompt, in group order; ``baseline``: the unedited
+    model's mean per-token NLL of its own answers (nats). Build with ``AnswerNLLProxy.build``; calling the proxy
+    on a (possibly edited) model returns the mean per-token NLL, so ``proxy(model, tok) − proxy.baseline`` is
+    the edit's cost.
+    """
+
+    groups: tuple[PromptSet, ...]
+    answers: tuple[str, ...]
+    baseline: float
+    max_tokens: int = 32
+    batch_size: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        tok: PreTrainedTokenizerBase,
+        groups: PromptSet | Sequence[PromptSet],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int | None = None,
+        answers: Sequence[str] | None = None,
+    ) -> AnswerNLLProxy:
+        """Greedy answers of the model as it is now (``max_new_tokens`` each; or the given ``answers``), and their
+        NLL as the baseline. Raises ``ValueError`` when no prompt gets a non-empty answer."""
+        groups = (groups,) if isinstance(groups, PromptSet) else tuple(groups)
+        if answers is None:
+            answers = [
+                a
+                for g in groups
+                for a in generate(model, tok, g, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+            ]
+        proxy = cls(groups, tuple(answers), math.nan, max_new_tokens, batch_size)
+        if len(proxy.answers) != sum(len(g) for g in groups):
+            raise ValueError(f"{len(proxy.answers)} answers for {sum(len(g) for g in groups)} prompts")
+        proxy.baseline = proxy(model, tok)
+        if not math.isfinite(proxy.baseline):
+            raise ValueError("the model gave no non-empty answer to any harmless prompt; the NLL proxy is undefined")
+        return proxy
+
+    def per_prompt(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> torch.Tensor:
+        """Mean per-token NLL of each reference answer under the model as it is now, ``[n]`` (NaN: empty answer)."""
+        out, start = [], 0
+        for group in self.groups:
+            answers = self.answers[start : start + len(group)]
+            start += len(group)
+            out.append(answer_nll(model, tok, group, answers, max_tokens=self.max_tokens, batch_size=self.batch_size))
+        return torch.cat(out)
+
+    def __call__(self, model: nn.Module, tok: PreTrainedTokenizerBase) -> float:
+        """Mean per-token NLL over the prompts with a non-empty answer (nats)."""
+        values = self.per_prompt(model, tok)
+        values = values[~torch.isnan(values)]
+        return float(values.mean()) if len(values) else math.nan

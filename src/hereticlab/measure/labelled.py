@@ -119,6 +119,16 @@ def default_detector() -> KeywordDetector:
     return KeywordDetector("default")
 
 
+def calibrated_semantic_detector(seed: int = 0) -> SemanticDetector:
+    """The semantic refusal judge of the final report and the held-out benchmark: ``SemanticDetector`` with a
+    logistic head fitted on the calibration half of the labelled set (``split_labelled(seed=seed)``; the other half
+    is what its F1 in notes/issue-9.md was measured on). Needs the embedding model package (offline)."""
+    calibration, _ = split_labelled(load_labelled(), seed=seed)
+    return SemanticDetector(classifier="logistic", name="semantic").fit(
+        calibration["response"].tolist(), calibration["label"].tolist()
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line: python -m hereticlab.measure.labelled [--judge MODEL]
 # ----------------------------------------------------------------------------------------------------------

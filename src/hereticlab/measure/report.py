@@ -55,17 +55,19 @@ def bootstrap_interval(
 ) -> tuple[float, float, float]:
     """Percentile bootstrap interval of ``statistic`` over ``values``: ``(estimate, low, high)``.
 
-    For statistics without a closed-form interval (a median, a rank correlation of pairs passed as rows). Seeded, so
-    a notebook prints the same interval on every run.
+    For statistics without a closed-form interval (a median; a rank correlation of pairs passed as rows of a
+    ``[n, k]`` array: rows are resampled whole). Seeded, so a notebook prints the same interval on every run.
     """
     data = np.asarray(values, dtype=float)
     if data.shape[0] < 2:
         raise ValueError(f"bootstrap_interval needs at least 2 values, got {data.shape[0]}")
     from scipy.stats import bootstrap
 
+    # Resample row indices, so that a row (e.g. one trial's pair of measures) stays together.
     result = bootstrap(
-        (data,),
-        lambda sample, axis: np.apply_along_axis(statistic, axis, sample),
+        (np.arange(data.shape[0]),),
+        lambda rows: statistic(data[rows]),
+        vectorized=False,
         confidence_level=confidence,
         n_resamples=n_resamples,
         method="percentile",

@@ -83,7 +83,37 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="skip refusal counting above this KL (trial marked pruned); <0 disables",
     )
-    p.add_argument("--kl-max", type=float, default=0.2, help="choose the lowest-refusal trial with KL at most this")
+    p.add_argument(
+        "--kl-max", type=float, default=0.1, help="finalists and the choice keep first-token KL at most this"
+    )
+    p.add_argument(
+        "--objectives",
+        default="refusals,kl",
+        help="what the search minimizes: refusals,kl (default) or refusals,kl,nll (adds the answer-NLL proxy)",
+    )
+    p.add_argument(
+        "--max-nll-increase",
+        type=float,
+        default=None,
+        help="limit on the NLL proxy's rise (nats/token): infeasible for TPE and never a finalist above it",
+    )
+    p.add_argument(
+        "--finalists",
+        type=int,
+        default=2,
+        help="Pareto-front trials re-judged on the test prompts (both judges, capability, over-refusal); 0: off",
+    )
+    p.add_argument("--judge-new-tokens", type=int, default=128, help="greedy tokens per finalist test response")
+    p.add_argument(
+        "--over-refusal-new-tokens", type=int, default=64, help="greedy tokens per finalist over-refusal response"
+    )
+    p.add_argument("--capability-new-tokens", type=int, default=48, help="greedy tokens per finalist capability answer")
+    p.add_argument("--min-retention", type=float, default=0.97, help="capability retention a finalist must keep (0..1)")
+    p.add_argument(
+        "--no-system-prompt-variety",
+        action="store_true",
+        help="score KL on the run's system prompt only (default: harmless prompts spread across system prompts)",
+    )
     p.add_argument("--trial", type=int, default=None, help="export this trial number instead")
     p.add_argument("--batch-size", type=int, default=None, help="default: tuned on this machine")
     p.add_argument("--no-export", action="store_true", help="search only")
@@ -116,6 +146,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         decide_after=args.decide_after,
         kl_ceiling=None if args.kl_ceiling < 0 else args.kl_ceiling,
         kl_max=args.kl_max,
+        objectives=checked.objectives,
+        max_nll_increase=args.max_nll_increase,
+        finalists=args.finalists,
+        judge_new_tokens=args.judge_new_tokens,
+        over_refusal_new_tokens=args.over_refusal_new_tokens,
+        capability_new_tokens=args.capability_new_tokens,
+        min_retention=args.min_retention,
+        system_prompt_variety=not args.no_system_prompt_variety,
         choose=args.trial,
         batch_size=args.batch_size,
         export=not args.no_export,

@@ -139,10 +139,18 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _prompt_groups(prompts: Sequence[str] | PromptSet | Sequence[PromptSet]) -> list[Sequence[str] | PromptSet]:
+    """One prompt set, or several ``PromptSet`` (each formatted with its own system prompt), as a list of groups."""
+    if isinstance(prompts, PromptSet) or not prompts or not all(isinstance(p, PromptSet) for p in prompts):
+        return [cast("Sequence[str] | PromptSet", prompts)]
+    return list(cast("Sequence[PromptSet]", prompts))
+
+
 class TrialEvaluator:
     """Evaluate many edits of one model on fixed prompt sets.
 
-    ``bad``: prompts whose refusals are counted (harmful). ``good``: prompts for first-token KL (harmless).
+    ``bad``: prompts whose refusals are counted (harmful). ``good``: prompts for first-token KL (harmless): one set,
+    or several ``PromptSet`` with their own system prompts (``core.prompts.spread_system_prompts``), measured as one.
     ``detector``: a ``Detector`` (``measure.detectors``; default ``MarkerDetector()``): ``detect`` judges each
     finished response, ``decided(text)`` stops a row on a positive decision early (unless the detector's
     ``early_stop_safe`` is False). ``decide_after``: clean tokens after which a prompt counts as
@@ -157,7 +165,7 @@ class TrialEvaluator:
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         bad: Sequence[str] | PromptSet,
-        good: Sequence[str] | PromptSet,
+        good: Sequence[str] | PromptSet | Sequence[PromptSet],
         *,
         detector: Detector | None = None,
         decide_after: int = 16,
@@ -184,7 +192,8 @@ class TrialEvaluator:
         self.kl_ceiling = kl_ceiling
         self.reuse_prefix, self.prefix_stride = reuse_prefix, max(1, prefix_stride)
         self.share_prefix, self.min_shared_prefix = share_prefix and self._cache_is_shareable(model), min_shared_prefix
-        self.bad_prompts, self.good_prompts = list(bad), list(good)
+        good_groups = _prompt_groups(good)
+        self.bad_prompts, self.good_prompts = list(bad), [p for g in good_groups for p in g]
         chat_kwargs = chat_kwargs or {}
         self.n_blocks = len(find_layers(model))
         self.batch_size = batch_size or 32
@@ -197,7 +206,7 @@ class TrialEvaluator:
         self._kv_replayable = self.n_blocks
         self._texts = {
             "bad": chat_texts(tokenizer, bad, **chat_kwargs),
-            "good": chat_texts(tokenizer, good, **chat_kwargs),
+            "good": [t for g in good_groups for t in chat_texts(tokenizer, g, **chat_kwargs)],
         }
         self._bad = self._prepare(self._texts["bad"], with_kv=True)
         self._good = self._prepare(self._texts["good"], with_kv=False)

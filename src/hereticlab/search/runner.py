@@ -8,6 +8,7 @@ baseline, each trial in the study storage), so an interrupted run resumes where 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -18,20 +19,35 @@ from pathlib import Path
 from typing import Any, cast
 
 import optuna
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.capture import capture_residuals
 from ..core.models import load_model
-from ..core.prompts import PromptSet, load_prompts
+from ..core.prompts import PromptSet, load_prompts, spread_system_prompts, system_prompt_variants
 from ..directions.base import Directions
 from ..directions.methods import DIRECTION_METHODS, compute_directions
 from ..measure.behaviours import Behaviour, ContrastCheck, get_behaviour, measure_contrast
+from ..measure.capability import OVER_REFUSAL_SET, AnswerNLLProxy
 from ..measure.detectors import DetectionResult
 from ..measure.metrics import first_token_logprobs, kl_divergence, refusal_rate
 from .evaluator import TrialEvaluator, TrialResult, tune_batch_size
+from .finalists import (
+    ORIGINAL,
+    FinalistJudges,
+    FinalistResults,
+    FinalistSets,
+    FinalistSettings,
+    choose_finalist,
+    finalist_trials,
+    finalist_violations,
+    judge_finalists,
+    system_prompt_table,
+)
 from .study import (
+    OBJECTIVES,
     SearchError,
     SearchSpace,
     choose_trial,
@@ -59,6 +75,8 @@ _IDENTITY_KEYS = (
     "decide_after",
     "max_new_tokens",
     "behaviour",
+    "objectives",
+    "system_prompt_variety",
 )
 
 
@@ -92,7 +110,7 @@ class RunConfig:
     max_new_tokens: int = 100
     kl_ceiling: float | None = 1.0
     kl_floor: float = 0.01
-    kl_max: float = 0.2
+    kl_max: float = 0.1
     choose: int | None = None
     batch_size: int | None = None
     final_new_tokens: int = 64
@@ -100,6 +118,20 @@ class RunConfig:
     behaviour: str = "refusal"
     dtype: str | None = None
     device: str | None = None
+    # What the search minimizes: refusals and first-token KL, optionally the answer-NLL proxy ("nll").
+    objectives: tuple[str, ...] = OBJECTIVES
+    # A limit on the NLL proxy's increase (nats per token): TPE treats trials above it as infeasible and no
+    # finalist is taken above it. None: measured and recorded, not limited.
+    max_nll_increase: float | None = None
+    # Spread the harmless search prompts (KL, NLL proxy) across system prompts (core.prompts.system_prompt_variants)
+    system_prompt_variety: bool = True
+    # Tiered judging (refusal only): how many Pareto-front trials are re-judged on the test prompts (0: choose by
+    # the search's own scores), with how many greedy tokens, and the capability retention a finalist must keep.
+    finalists: int = 2
+    judge_new_tokens: int = 128
+    over_refusal_new_tokens: int = 64
+    capability_new_tokens: int = 48
+    min_retention: float = 0.97
 
     def identity(self) -> dict[str, Any]:
         data = asdict(self)
@@ -360,15 +392,23 @@ def make_objective(
     extra_scorers: dict[str, Callable[[torch.nn.Module, PreTrainedTokenizerBase], float]] | None = None,
     measure: Callable[[list[str]], float] | None = None,
     worst: float | None = None,
-) -> Callable[[optuna.Trial], tuple[float, float]]:
+    nll_proxy: AnswerNLLProxy | None = None,
+    objectives: Sequence[str] = OBJECTIVES,
+) -> Callable[[optuna.Trial], tuple[float, ...]]:
     """The Optuna objective: sample, edit in place, evaluate with prefix reuse, revert; store details as attrs.
 
     ``measure``: turns the responses into the first objective instead of counting decisions (a behaviour whose
     objective is a mean score, e.g. words); a pruned trial then scores ``worst``. The count of responses where the
-    behaviour is present is kept as the ``present`` attribute.
+    behaviour is present is kept as the ``present`` attribute. ``nll_proxy``: measured under every edit (attributes
+    ``nll`` and ``nll_increase``, nats per token); ``objectives`` ending in ``"nll"`` make its increase (floored at
+    0) a third objective.
     """
+    if "nll" in objectives and nll_proxy is None:
+        raise SearchError("the nll objective needs the answer-NLL proxy; it is built for the refusal behaviour only")
+    from ..interventions.edits import apply_edits
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        t0 = time.perf_counter()
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
         edits = edits_from_params(model, directions, params, space.components)
@@ -380,14 +420,21 @@ def make_objective(
         trial.set_user_attr("kl", result.kl)
         trial.set_user_attr("refusals", value)
         trial.set_user_attr("pruned", result.pruned)
-        trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("decode_steps", result.decode_steps)
-        for name, scorer in (extra_scorers or {}).items():
-            from ..interventions.edits import apply_edits
-
+        scorers = dict(extra_scorers or {})
+        if nll_proxy is not None:
+            scorers["nll"] = nll_proxy
+        for name, scorer in scorers.items():
             with apply_edits(model, edits, evaluator.backup):
                 trial.set_user_attr(name, float(scorer(model, evaluator.tokenizer)))
-        return objective_values(value, result.kl, n_prompts=result.n_prompts, kl_floor=kl_floor, worst=worst)
+        if nll_proxy is not None:
+            trial.set_user_attr("nll_increase", trial.user_attrs["nll"] - nll_proxy.baseline)
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))  # the whole trial, NLL proxy included
+        values = objective_values(value, result.kl, n_prompts=result.n_prompts, kl_floor=kl_floor, worst=worst)
+        if "nll" in objectives:
+            increase = trial.user_attrs["nll_increase"]
+            return (*values, max(increase, 0.0) if math.isfinite(increase) else 1e6)
+        return values
 
     return objective
 
@@ -425,15 +472,17 @@ def run_search(
     storage = make_storage(config.storage, out)
     # A storage given explicitly (or a fixed trial count) means other workers may share the study: seed per trial.
     shared = config.storage is not None or worker_trials is not None
-    study = open_study(
-        config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials, shared=shared
-    )
+    study_options: dict[str, Any] = {
+        "seed": config.seed,
+        "n_startup_trials": config.startup_trials,
+        "n_objectives": len(config.objectives),
+        "max_nll_increase": config.max_nll_increase,
+    }
+    study = open_study(config.study_name, storage, shared=shared, **study_options)
     if not shared and study.get_trials(deepcopy=False):
         # A resumed study: a fresh TPESampler(seed) would replay the first run's random draws (its start-up trials
         # again, under new numbers); draw each trial from (seed, trial number) instead.
-        study = open_study(
-            config.study_name, storage, seed=config.seed, n_startup_trials=config.startup_trials, shared=True
-        )
+        study = open_study(config.study_name, storage, shared=True, **study_options)
     if config.storage is None:
         requeued = _rerun_interrupted(study)
         if requeued:
@@ -448,12 +497,16 @@ def run_search(
     # (a PromptSet reads as a sequence of its prompts and carries its system prompt to the formatter)
     search_prompts = cast(Sequence[str], splits["bad_search"])
     batch = config.batch_size or tune_batch_size(model, tokenizer, search_prompts, candidates=(8, 16, 32, 64))
-    # Each PromptSet carries its own system prompt (behaviours contrast two of them).
+    # Each PromptSet carries its own system prompt (behaviours contrast two of them). For refusal the harmless
+    # search prompts are spread across the system prompts the exported model will meet, so that the KL (and the
+    # NLL proxy) the search minimizes holds under each of them, not only under the run's own.
+    variants = _variants(config, tokenizer, behaviour)
+    good_search = _spread(splits["good_search"], variants)
     evaluator = TrialEvaluator(
         model,
         tokenizer,
         splits["bad_search"],
-        splits["good_search"],
+        good_search,
         detector=detector,
         decide_after=behaviour.search_decide_after,
         max_new_tokens=behaviour.max_new_tokens,
@@ -473,16 +526,27 @@ def run_search(
         f"baseline: {baseline.refusals}/{baseline.n_prompts} {behaviour.counted} on the search prompts "
         f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})"
     )
+    nll_proxy = _load_or_build_proxy(model, tokenizer, good_search, out, batch) if behaviour.run_settings else None
+    if nll_proxy is not None:
+        log(f"NLL proxy: {nll_proxy.baseline:.3f} nats/token on the unedited model's own answers")
     measure = worst = None
     if behaviour.objective_is_mean:  # e.g. verbosity: minimize mean words, not a count
         measure, worst = behaviour.measure, behaviour.measure(baseline.responses or [])
         log(f"objective: mean {behaviour.unit.removeprefix('mean ')} per response (baseline {worst:.1f})")
     search_objective = make_objective(
-        evaluator, model, directions, space, config.kl_floor, measure=measure, worst=worst
+        evaluator,
+        model,
+        directions,
+        space,
+        config.kl_floor,
+        measure=measure,
+        worst=worst,
+        nll_proxy=nll_proxy,
+        objectives=config.objectives,
     )
     started: list[int] = []  # trials this process started (an interrupted one is enqueued again)
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
         started.append(trial.number)
         return search_objective(trial)
 
@@ -518,7 +582,14 @@ def run_search(
         if interrupted:
             raise KeyboardInterrupt
         return result
-    chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
+    finalists = None
+    if behaviour.run_settings and (config.finalists > 0 or config.choose is not None):
+        finalists = _judge_finalists(config, model, tokenizer, study, directions, splits, behaviour, variants, log)
+        if finalists.chosen is None:
+            raise SearchError("tiered judging chose no trial")
+        chosen = {t.number: t for t in finished_trials(study)}[finalists.chosen]
+    else:
+        chosen = choose_trial(study, kl_max=config.kl_max, trial=config.choose)
     result.chosen = chosen
     # Full-length generation of the final report is decode-bound: a larger batch amortizes each weight read.
     context = FinalContext(
@@ -535,13 +606,111 @@ def run_search(
         seconds=time.perf_counter() - t0,
         log=log,
         behaviour_check=contrast,
+        finalists=finalists,
+        variants=variants,
     )
     result.record = finalize(replace(config, batch_size=max(batch, 32)), context)
-    write_tables(study, out, kl_max=config.kl_max, chosen=chosen.number)
+    write_tables(
+        study, out, kl_max=config.kl_max, chosen=chosen.number, finalists=None if finalists is None else finalists.table
+    )
     return result
 
 
-def write_tables(study: optuna.Study, out: Path, *, kl_max: float, chosen: int | None = None) -> None:
+def _variants(config: RunConfig, tokenizer: PreTrainedTokenizerBase, behaviour: Behaviour) -> dict[str, str | None]:
+    """The system prompts the harmless search prompts are spread across: the run's own only, unless refusal with
+    ``system_prompt_variety`` (``core.prompts.system_prompt_variants``)."""
+    if behaviour.run_settings and config.system_prompt_variety:
+        return system_prompt_variants(tokenizer, config.system_prompt)
+    return {"own": config.system_prompt}
+
+
+def _spread(prompts: PromptSet, variants: dict[str, str | None]) -> PromptSet | list[PromptSet]:
+    """``prompts`` as they are with one variant (a preset's own system prompt stays), else dealt across them."""
+    return prompts if len(variants) == 1 else spread_system_prompts(prompts, variants)
+
+
+def _load_or_build_proxy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: PromptSet | list[PromptSet],
+    out: Path,
+    batch_size: int,
+) -> AnswerNLLProxy:
+    """The search's NLL proxy; its reference answers are kept in ``nll_reference.json`` so a resumed run scores
+    against the same answers (and recomputes the baseline NLL from them)."""
+    path = out / "nll_reference.json"
+    answers = json.loads(path.read_text())["answers"] if path.exists() else None
+    proxy = AnswerNLLProxy.build(model, tokenizer, prompts, batch_size=batch_size, answers=answers)
+    if answers is None:
+        _atomic_write(path, json.dumps({"answers": list(proxy.answers), "baseline": proxy.baseline}, indent=2))
+    return proxy
+
+
+def _judge_finalists(
+    config: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    study: optuna.Study,
+    directions: dict[str, Directions],
+    splits: dict[str, PromptSet],
+    behaviour: Behaviour,
+    variants: dict[str, str | None],
+    log: Callable[[str], None],
+) -> FinalistResults:
+    """Tiered judging (``search.finalists``): the best few trials (or ``--trial N`` alone), re-judged on the test
+    prompts with both judges, capability and over-refusal; ``results.chosen`` is the trial to export."""
+    from ..measure.capability import load_capability_items
+    from ..measure.labelled import calibrated_semantic_detector
+
+    if config.choose is not None:
+        trials = [choose_trial(study, kl_max=config.kl_max, trial=config.choose)]
+    else:
+        trials = finalist_trials(
+            study, n=config.finalists, kl_max=config.kl_max, max_nll_increase=config.max_nll_increase
+        )
+    log(f"finalists: trials {', '.join(str(t.number) for t in trials)}, re-judged on the held-out test prompts")
+    own = splits["bad_test"].system_prompt
+    sets = FinalistSets(
+        harmful=splits["bad_test"],
+        harmless=_as_list(_spread(splits["good_test"], variants)),
+        over_refusal=load_prompts(OVER_REFUSAL_SET, **({"system_prompt": own} if own is not None else {})),
+        items=load_capability_items(),
+    )
+    judges = FinalistJudges(markers=BehaviourDetector(behaviour), semantic=calibrated_semantic_detector())
+    settings = FinalistSettings(
+        new_tokens=config.judge_new_tokens,
+        over_refusal_tokens=config.over_refusal_new_tokens,
+        capability_tokens=config.capability_new_tokens,
+        kl_max=config.kl_max,
+        min_retention=config.min_retention,
+        progress=True,
+    )
+    results = judge_finalists(
+        model, tokenizer, trials, directions, sets, judges, settings, folder=Path(config.out) / "finalists", log=log
+    )
+    if config.choose is not None:
+        results.violations = finalist_violations(results.table, settings)
+        results.chosen = config.choose
+    else:
+        choose_finalist(results, settings, log=log)
+    return results
+
+
+def _as_list(prompts: PromptSet | list[PromptSet]) -> list[PromptSet]:
+    return [prompts] if isinstance(prompts, PromptSet) else prompts
+
+
+def write_tables(
+    study: optuna.Study,
+    out: Path,
+    *,
+    kl_max: float,
+    chosen: int | None = None,
+    finalists: pd.DataFrame | None = None,
+) -> None:
+    """``trials.csv``, ``pareto.csv`` and ``pareto.png``. ``finalists``: the tiered judging's table; its verdicts
+    (refusals by markers / semantic judge / either, their disagreement, over-refusal, retention, held-out KL and
+    NLL) join the Pareto table as ``final.*`` columns of the trials that were re-judged."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -551,7 +720,12 @@ def write_tables(study: optuna.Study, out: Path, *, kl_max: float, chosen: int |
     if table.empty:
         return
     table.to_csv(out / "trials.csv", index=False)
-    pareto(study).to_csv(out / "pareto.csv", index=False)
+    front = pareto(study)
+    if finalists is not None and len(finalists):
+        judged = finalists[finalists["trial"].notna()].drop(columns=["arm"])
+        judged = judged.assign(trial=judged["trial"].astype(int)).add_prefix("final.")
+        front = front.merge(judged, left_on="trial", right_on="final.trial", how="left").drop(columns=["final.trial"])
+    front.to_csv(out / "pareto.csv", index=False)
     fig = plot_pareto(study, kl_max=kl_max, chosen=chosen)
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
@@ -574,6 +748,8 @@ class FinalContext:
     seconds: float = 0.0
     log: Callable[[str], None] = print
     behaviour_check: dict[str, Any] | None = None  # the pre-search check of a preset (None: refusal, not checked)
+    finalists: FinalistResults | None = None  # tiered judging of the finalists (refusal), when it ran
+    variants: dict[str, str | None] = field(default_factory=dict)  # system prompts the harmless sets were spread over
 
 
 def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
@@ -589,8 +765,37 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
     edits = edits_from_params(model, directions, params)
     chat: dict = {}  # the PromptSets carry their own system prompts
     new_tokens = behaviour.report_new_tokens
-    report = {}
-    if len(splits["bad_test"]) and len(splits["good_test"]):
+    report: dict[str, Any] = {}
+    robustness: list[dict[str, Any]] = []
+    if context.finalists is not None:
+        report = _finalist_report(context.finalists, chosen.number, config, out)
+        log(
+            f"held-out test ({report['n_prompts']} harmful prompts, {config.judge_new_tokens} new tokens): refusals "
+            f"{report['refusals_either_before']} → {report['refusals_either_after']} by either judge (markers "
+            f"{report['refusals_before']} → {report['refusals_after']}, semantic {report['refusals_semantic_before']}"
+            f" → {report['refusals_semantic_after']}); over-refusal {report['over_refusals_before']} → "
+            f"{report['over_refusals_after']} of {report['over_refusal_n']}; capability retention "
+            f"{report['capability_retention']:.3f}; KL {report['kl']:.3f}; NLL {report['nll_before']:.3f} → "
+            f"{report['nll_after']:.3f}"
+        )
+        robustness = system_prompt_table(
+            model,
+            tokenizer,
+            splits["bad_test"],
+            splits["good_test"],
+            context.variants or {"own": splits["bad_test"].system_prompt},
+            edits,
+            detector=BehaviourDetector(behaviour),
+            decide_after=behaviour.search_decide_after,
+            max_new_tokens=behaviour.max_new_tokens,
+            batch_size=config.batch_size,
+        )
+        for r in robustness:
+            log(
+                f"  system prompt {r['variant']}: refusals {r['refusals_before']} → {r['refusals_after']} of "
+                f"{r['n_prompts']} (markers, early decisions), KL {r['kl']:.3f}"
+            )
+    elif len(splits["bad_test"]) and len(splits["good_test"]):
         base_lp = first_token_logprobs(model, tokenizer, splits["good_test"], batch_size=config.batch_size, **chat)
         before = refusal_rate(
             model,
@@ -653,7 +858,7 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
                 f"adapter/ is a rank-{DEFAULT_LORA_RANK} approximation of this norm-preserving edit (largest "
                 f"relative error of a module's weight change {worst:.2%}); model/ holds the exact edit"
             )
-    record = {
+    record: dict[str, Any] = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "versions": package_versions(),
         "machine": {
@@ -680,8 +885,81 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
     }
     if context.behaviour_check is not None:  # presets only: refusal's record keeps its keys
         record["behaviour_check"] = context.behaviour_check
+    if "nll_increase" in chosen.user_attrs:
+        record["chosen_trial"] = {**record["chosen_trial"], "nll_increase": chosen.user_attrs["nll_increase"]}
+    if context.finalists is not None:
+        record["finalists"] = {
+            "table": json.loads(context.finalists.table.to_json(orient="records")),
+            "violations": context.finalists.violations,
+            "seconds": round(context.finalists.seconds, 1),
+        }
+        record["system_prompts"] = robustness
+    if context.variants:
+        record["harmless_system_prompts"] = context.variants
+    record["base_model"] = str(getattr(model, "name_or_path", "") or config.model)
     _atomic_write(out / "run.json", json.dumps(record, indent=2, default=str))
+    if hashes:
+        from .card import model_card
+
+        (out / "model" / "README.md").write_text(model_card(json.loads((out / "run.json").read_text())))
     return record
+
+
+def _finalist_report(results: FinalistResults, chosen: int, config: RunConfig, out: Path) -> dict[str, Any]:
+    """The held-out report of the chosen finalist against the original (from the finalists' table), and
+    ``test_responses.csv``: per harmful and over-refusal prompt, both responses and each judge's verdict."""
+    table = results.table
+    before = table[table["arm"] == ORIGINAL].iloc[0]
+    after = table[table["trial"] == chosen].iloc[0]
+    report: dict[str, Any] = {
+        "n_prompts": int(after["harmful_n"]),
+        "max_new_tokens": config.judge_new_tokens,
+        "refusals_before": int(before["harmful_markers"]),
+        "refusals_after": int(after["harmful_markers"]),
+        "refusals_semantic_before": int(before["harmful_semantic"]),
+        "refusals_semantic_after": int(after["harmful_semantic"]),
+        "refusals_either_before": int(before["harmful_either"]),
+        "refusals_either_after": int(after["harmful_either"]),
+        "refusals_either_after_ci": list(after["harmful_either_ci"]),
+        "judges_disagree_before": int(before["harmful_judges_disagree"]),
+        "judges_disagree_after": int(after["harmful_judges_disagree"]),
+        "over_refusal_n": int(after["over_refusal_n"]),
+        "over_refusal_new_tokens": config.over_refusal_new_tokens,
+        "over_refusals_before": int(before["over_refusal_either"]),
+        "over_refusals_after": int(after["over_refusal_either"]),
+        "over_refusals_markers": [int(before["over_refusal_markers"]), int(after["over_refusal_markers"])],
+        "over_refusals_semantic": [int(before["over_refusal_semantic"]), int(after["over_refusal_semantic"])],
+        "capability_n": int(before["capability_n"]),
+        "capability_correct_before": int(before["capability_correct"]),
+        "capability_kept": int(after["capability_kept"]),
+        "capability_retention": float(after["retention"]),
+        "capability_retention_ci": list(after["retention_ci"]),
+        "kl": float(after["kl"]),
+        "nll_before": float(before["nll"]),
+        "nll_after": float(after["nll"]),
+    }
+    report["measure_before"], report["measure_after"] = report["refusals_before"], report["refusals_after"]
+    responses = results.responses
+    frames = []
+    for name in ("harmful", "over_refusal"):
+        old = responses[(responses["arm"] == ORIGINAL) & (responses["set"] == name)].reset_index(drop=True)
+        new = responses[(responses["arm"] == f"trial {chosen}") & (responses["set"] == name)].reset_index(drop=True)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "set": name,
+                    "prompt": old["prompt"],
+                    "response_before": old["response"],
+                    "markers_before": old["markers"].astype(bool),
+                    "semantic_before": old["semantic"].astype(bool),
+                    "response_after": new["response"],
+                    "markers_after": new["markers"].astype(bool),
+                    "semantic_after": new["semantic"].astype(bool),
+                }
+            ).assign(judges_disagree_after=lambda f: f["markers_after"] != f["semantic_after"])
+        )
+    pd.concat(frames, ignore_index=True).to_csv(out / "test_responses.csv", index=False)
+    return report
 
 
 def replay(

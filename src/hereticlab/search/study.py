@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # imported by the functions that draw
     from matplotlib.figure import Figure
 
 OBJECTIVES = ("refusals", "kl")
+# What --objectives may name: the two above, in that order, optionally followed by the answer-NLL proxy.
+KNOWN_OBJECTIVES = ("refusals", "kl", "nll")
 
 
 class SearchError(ValueError):
@@ -225,20 +227,32 @@ def open_study(
     seed: int = 0,
     n_startup_trials: int = 10,
     shared: bool = False,
+    n_objectives: int = 2,
+    max_nll_increase: float | None = None,
 ) -> optuna.Study:
-    """Create or resume a two-objective study (refusals, KL; both minimized) with multivariate TPE.
+    """Create or resume a study of ``n_objectives`` minimized objectives (refusals, KL[, NLL increase]) with
+    multivariate TPE.
 
     ``shared``: other processes may work on this study at the same time; the sampler then draws each trial's random
     numbers from ``(seed, trial number)`` (``TrialSeededTPESampler``) so that workers do not repeat each other.
+    ``max_nll_increase``: a constraint TPE learns from (a trial whose ``nll_increase`` attribute exceeds it is
+    infeasible and ranks behind every feasible one).
     """
     sampler_class = TrialSeededTPESampler if shared else optuna.samplers.TPESampler
-    sampler = sampler_class(seed=seed, multivariate=True, n_startup_trials=n_startup_trials, constant_liar=True)
+    constraints = None if max_nll_increase is None else NLLConstraint(max_nll_increase)
+    sampler = sampler_class(
+        seed=seed,
+        multivariate=True,
+        n_startup_trials=n_startup_trials,
+        constant_liar=True,
+        constraints_func=constraints,
+    )
     for attempt in range(10):
         try:
             return optuna.create_study(
                 study_name=name,
                 storage=storage,
-                directions=["minimize", "minimize"],
+                directions=["minimize"] * n_objectives,
                 sampler=sampler,
                 load_if_exists=True,
             )
@@ -247,6 +261,18 @@ def open_study(
                 raise
             time.sleep(0.2 + 0.3 * attempt)
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class NLLConstraint:
+    """Optuna's constraint: ``nll_increase − limit`` (≤ 0 is feasible). A trial without the attribute (pruned
+    before it was measured) counts as feasible by 0, so it is judged by its objectives alone."""
+
+    limit: float
+
+    def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float]:
+        value = trial.user_attrs.get("nll_increase")
+        return (0.0 if value is None or not math.isfinite(value) else float(value) - self.limit,)
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -284,6 +310,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "refusals": None if pruned else t.user_attrs.get("refusals", t.values[0]),
                 "kl": t.user_attrs.get("kl", t.values[1]),
                 "pruned": pruned,
+                **({"nll_increase": t.user_attrs["nll_increase"]} if "nll_increase" in t.user_attrs else {}),
                 "seconds": t.user_attrs.get("seconds"),
                 **{f"param.{k}": v for k, v in t.user_attrs.get("params", t.params).items()},
             }
@@ -293,19 +320,19 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def pareto(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front of (refusals, KL) over unpruned finished trials, sorted by refusals."""
+    """The Pareto front over unpruned finished trials, sorted by refusals then KL: of (refusals, KL), or of
+    (refusals, KL, NLL increase) when the study optimizes the NLL proxy as a third objective."""
     table = trials_table(study)
     if table.empty:
         return table
     table = table[~table["pruned"]].copy()
     table["refusals"] = table["refusals"].astype(int)
+    columns = ["refusals", "kl"] + (["nll_increase"] if len(study.directions) > 2 and "nll_increase" in table else [])
+    values = table[columns].to_numpy(dtype=float)
     keep = []
-    for i, row in table.iterrows():
-        dominated = (
-            (table["refusals"] <= row.refusals)
-            & (table["kl"] <= row.kl)
-            & ((table["refusals"] < row.refusals) | (table["kl"] < row.kl))
-        ).any()
+    for position, i in enumerate(table.index):
+        row = values[position]
+        dominated = ((values <= row).all(axis=1) & (values < row).any(axis=1)).any()
         if not dominated:
             keep.append(i)
     return table.loc[keep].sort_values(["refusals", "kl"]).reset_index(drop=True)

@@ -147,6 +147,20 @@ def check_norms(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def check_objectives(text: str) -> tuple[str, ...]:
+    """``--objectives``: ``refusals,kl`` or ``refusals,kl,nll`` (the NLL proxy as a third objective)."""
+    from .study import KNOWN_OBJECTIVES
+
+    items = tuple(_split_list("--objectives", text))
+    allowed = (KNOWN_OBJECTIVES[:2], KNOWN_OBJECTIVES)
+    if items not in allowed:
+        raise InputError(
+            f"--objectives {text!r} is not one of: {' | '.join(','.join(a) for a in allowed)}",
+            "pass --objectives refusals,kl (default) or refusals,kl,nll",
+        )
+    return items
+
+
 def check_behaviour(name: str) -> str:
     """The canonical behaviour name (aliases resolved); raises for an unknown one."""
     from ..measure.behaviours import ALIASES, BEHAVIOURS
@@ -631,6 +645,7 @@ class RunInputs:
     methods: tuple[str, ...]
     norms: tuple[str, ...]
     behaviour: str
+    objectives: tuple[str, ...] = ("refusals", "kl")
 
 
 def validate_run(args: argparse.Namespace) -> RunInputs:
@@ -644,8 +659,21 @@ def validate_run(args: argparse.Namespace) -> RunInputs:
         ("--decide-after", args.decide_after, 1),
         ("--batch-size", args.batch_size, 1),
         ("--trial", args.trial, 0),
+        ("--finalists", args.finalists, 0),
+        ("--judge-new-tokens", args.judge_new_tokens, 1),
+        ("--over-refusal-new-tokens", args.over_refusal_new_tokens, 1),
+        ("--capability-new-tokens", args.capability_new_tokens, 1),
     ):
         check_count(flag, value, minimum)
+    objectives = check_objectives(args.objectives)
+    max_nll = args.max_nll_increase
+    if max_nll is not None and not (math.isfinite(max_nll) and max_nll >= 0):
+        raise InputError(
+            f"--max-nll-increase must be a finite number ≥ 0, got {max_nll}", "pass e.g. 0.1 or leave it out"
+        )
+    retention = args.min_retention
+    if not 0 <= retention <= 1:
+        raise InputError(f"--min-retention is a fraction between 0 and 1, got {retention}", "pass e.g. 0.97")
     check_seed("--seed", args.seed)
     check_kl("--kl-max", args.kl_max)
     check_kl("--kl-ceiling", args.kl_ceiling, allow_negative=True)
@@ -693,7 +721,12 @@ def validate_run(args: argparse.Namespace) -> RunInputs:
             )
     check_run_dir(args.out)
     check_storage(args.storage)  # last: it may wait CONNECT_TIMEOUT_S for a server
-    return RunInputs(methods=methods, norms=norms, behaviour=behaviour)
+    if not preset.run_settings and ("nll" in objectives or max_nll is not None):
+        raise InputError(
+            f"--objectives nll and --max-nll-increase apply to refusal only, not --behaviour {behaviour}",
+            "leave them out for a preset",
+        )
+    return RunInputs(methods=methods, norms=norms, behaviour=behaviour, objectives=objectives)
 
 
 def validate_replay(args: argparse.Namespace) -> dict[str, Any]:
