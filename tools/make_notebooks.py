@@ -63,8 +63,9 @@ search = [
     "import hereticlab as hl\nfrom hereticlab.search.runner import RunConfig, run_search\nfrom hereticlab.search import pareto, plot_pareto, trials_table\n\n"
     "model, tok = hl.load_model(MODEL)\n"
     'config = RunConfig(model=MODEL, out=f"{OUTPUT}/search", trials=4 if QUICK else 30, startup_trials=2 if QUICK else 10,\n'
-    "                   train_prompts=16 if QUICK else 200, search_prompts=6 if QUICK else 50, kl_max=1e9 if QUICK else 0.2,\n"
-    "                   final_new_tokens=8 if QUICK else 64, batch_size=8 if QUICK else None)\n"
+    "                   train_prompts=16 if QUICK else 200, search_prompts=6 if QUICK else 32, kl_max=1e9 if QUICK else 0.1,\n"
+    "                   judge_new_tokens=8 if QUICK else 128, over_refusal_new_tokens=8 if QUICK else 64,\n"
+    "                   capability_new_tokens=8 if QUICK else 48, batch_size=8 if QUICK else None)\n"
     "result = run_search(config, model=model, tokenizer=tok)",
     "md:## The Pareto front",
     "plot_pareto(result.study, kl_max=config.kl_max, chosen=result.chosen.number);\npareto(result.study)",
@@ -74,11 +75,16 @@ search = [
     'test_prompts = hl.load_prompts("harmful").split(train=200)[1][-(3 if QUICK else 6):]\n'
     "picker = TrialPicker(result.study, model, tok, directions, test_prompts, max_new_tokens=8 if QUICK else 48)\npicker",
     "picker.select(result.chosen.number)",
-    "md:## What was exported\nThe chosen trial as a merged model (plain `transformers` folder), the same edit as a "
-    "PEFT LoRA adapter, and `run.json` with settings, versions, metrics and weight hashes. "
+    "md:## The finalists, re-judged on held-out prompts\nThe best Pareto-front trials under the KL limit, measured "
+    "again on the test prompts: longer answers judged by the refusal markers and the semantic detector, over-refusal "
+    "on harmless prompts with alarming words, capability retention, KL under several system prompts.",
+    'import json\nimport pandas as pd\n\nrecord = json.loads((result.out / "run.json").read_text())\n'
+    'pd.DataFrame(record["finalists"]["table"])',
+    "md:## What was exported\nThe chosen trial as a merged model (plain `transformers` folder, with a model card in "
+    "`model/README.md`), the same edit as a PEFT LoRA adapter, and `run.json` with settings, versions, metrics and "
+    "weight hashes. "
     "`hereticlab replay run.json` recreates the same weights.",
-    'import json\nrecord = json.loads((result.out / "run.json").read_text())\n'
-    '{k: record[k] for k in ("chosen_trial", "test", "weights_sha256")}',
+    '{k: record[k] for k in ("chosen_trial", "test", "system_prompts", "weights_sha256")}',
 ]
 
 if __name__ == "__main__":
