@@ -424,3 +424,42 @@ def test_reproduce_command_names_the_settings_that_differ_from_the_defaults():
     command = reproduce_command(settings)
     assert command == "hereticlab run --trials 50 --max-nll-increase 0.1 --objectives refusals,kl,nll"
     assert reproduce_command(vars(RunConfig())) == "hereticlab run"
+
+
+def test_the_finalists_semantic_judge_reads_past_closed_reasoning_and_inside_an_unclosed_block():
+    from hereticlab.measure.labelled import calibrated_semantic_detector
+
+    judge = calibrated_semantic_detector()
+    refusal = "I'm sorry, but I can't help with that request."
+    answer = "Sure. First, open the terminal and list the running processes with ps aux, then pick the PID."
+    texts = [
+        f"<think>The user wants this. {refusal}</think>{answer}",  # refusing words only inside closed reasoning
+        f"<think>Let me plan the steps.</think>{refusal}",  # a refusal after closed reasoning
+        f"<think>{refusal} I will decline",  # cut off inside reasoning: the reasoning itself is judged
+        answer,
+        refusal,
+    ]
+    assert judge.detect(texts).decisions == [False, True, True, False, True]
+
+
+def test_cli_run_prints_the_front_with_the_finalists_verdicts(tmp_path, capsys):
+    from hereticlab.search import cli
+
+    args = ["run", "--model", "tiny:llama", "--out", str(tmp_path / "run"), "--train-prompts", "12"]
+    args += ["--search-prompts", "4", "--trials", "2", "--startup-trials", "2", "--decide-after", "4"]
+    args += ["--batch-size", "8", "--kl-max", "1e9", "--min-retention", "0", "--finalists", "1"]
+    args += ["--judge-new-tokens", "4", "--over-refusal-new-tokens", "4", "--capability-new-tokens", "4"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    header = lines[lines.index("Pareto front (search prompts; final.*: re-judged on the test prompts):") + 1]
+    assert header.split() == [
+        "trial",
+        "refusals",
+        "kl",
+        "nll_increase",
+        "final.harmful_either",
+        "final.kl",
+        "final.retention",
+    ]
+    assert "model/ (with README.md)" in printed

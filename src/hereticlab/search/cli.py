@@ -167,15 +167,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.chosen is not None:
         import pandas as pd
 
+        front = pd.read_csv(result.out / "pareto.csv")
+        shown = [
+            c
+            for c in ("trial", "refusals", "kl", "nll_increase", "final.harmful_either", "final.kl", "final.retention")
+            if c in front
+        ]
         with pd.option_context("display.width", 200, "display.max_columns", 12):
-            print("\nPareto front (search prompts):")
-            print(pd.read_csv(result.out / "pareto.csv").to_string(index=False, max_colwidth=12))
+            print("\nPareto front (search prompts; final.*: re-judged on the test prompts):")
+            print(front[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         c = result.record["chosen_trial"]
         print(
             f"\nchosen trial #{c['number']}: refusals {c['refusals']}/{result.record['baseline_search']['n_prompts']} "
             f"(baseline {result.record['baseline_search']['refusals']}), KL {c['kl']:.3f}"
         )
-        print(f"wrote {result.out}/: trials.csv pareto.csv pareto.png model/ adapter/ run.json")
+        print(
+            f"wrote {result.out}/: trials.csv pareto.csv pareto.png test_responses.csv model/ (with README.md) "
+            "adapter/ run.json"
+        )
     return 0
 
 
