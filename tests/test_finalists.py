@@ -463,3 +463,26 @@ def test_cli_run_prints_the_front_with_the_finalists_verdicts(tmp_path, capsys):
         "final.retention",
     ]
     assert "model/ (with README.md)" in printed
+
+
+def test_targets_script_reads_the_record_and_judges_each_target(nll_run):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("targets", Path(__file__).parents[1] / "bench/main_job_targets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = json.loads((nll_run.out / "run.json").read_text())
+    test = record["test"]
+    test.update(
+        refusals_semantic_before=30,
+        refusals_semantic_after=3,
+        kl=0.051,
+        capability_retention=0.97,
+        over_refusals_before=2,
+        over_refusals_after=2,
+    )
+    assert [met for _, _, met in module.targets(record)] == [True, False, True, True]
+    test.update(refusals_semantic_after=4, kl=0.05, capability_retention=0.969, over_refusals_after=3)
+    assert [met for _, _, met in module.targets(record)] == [False, True, False, False]

@@ -13,6 +13,13 @@ from .capability import (
     over_refusal_rate,
     score_answer,
 )
+from .coherence import (
+    coherence_nll,
+    coherent_choice,
+    distinct_n,
+    repetition_rate,
+    steered_outputs,
+)
 from .depth import per_position_kl, prefill_refusal, response_nll
 from .detectors import DetectionResult, Detector, EnsembleDetector, KeywordDetector, SemanticDetector
 from .embedding import SentenceEmbedder
@@ -45,6 +52,7 @@ from .report import (
     Estimate,
     bootstrap_interval,
     claims_table,
+    clustered_estimate,
     conclusions,
     mean_interval,
     proportion_interval,

@@ -187,3 +187,36 @@ def conclusions(claims: Sequence[Claim]) -> str:
     counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE)}
     summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     return f"On this model: {summary}.\n\n" + "\n".join(lines)
+
+
+def clustered_estimate(
+    frame: pd.DataFrame,
+    value: str | Callable[[pd.DataFrame], pd.Series],
+    *,
+    cluster: str = "prompt",
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Mean of ``value`` over all rows of ``frame`` (e.g. every (seed, test question) pair), with a percentile
+    bootstrap that resamples whole clusters (``cluster``: the question), so a question in several seeds' test
+    splits is not counted as independent evidence. ``value``: a column (bools count as 0/1; NaN rows are dropped)
+    or a function of the frame returning one number per row (e.g. a difference of two arms' columns).
+    """
+    values = value(frame) if callable(value) else frame[value]
+    data = pd.DataFrame({"cluster": frame[cluster].to_numpy(), "v": values.astype(float).to_numpy()}).dropna()
+    if data.empty:
+        raise ValueError("clustered_estimate: no rows with a value")
+    grouped = data.groupby("cluster", sort=True)["v"].agg(["sum", "count"])
+    rows = grouped.to_numpy(dtype=float)  # [clusters, 2]: sum of values, number of rows
+
+    def ratio(r: np.ndarray) -> float:
+        return float(r[:, 0].sum() / r[:, 1].sum())
+
+    n_rows, n_clusters = int(rows[:, 1].sum()), len(rows)
+    detail = f"mean of {n_rows} (seed, question) rows over {n_clusters} questions, question bootstrap {confidence:.0%}"
+    if n_clusters < 2:
+        v = ratio(rows)
+        return Estimate(v, -math.inf, math.inf, detail)
+    estimate, low, high = bootstrap_interval(rows, ratio, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    return Estimate(estimate, min(low, estimate), max(high, estimate), detail)
