@@ -121,7 +121,7 @@ class RunConfig:
     # What the search minimizes: refusals and first-token KL, optionally the answer-NLL proxy ("nll").
     objectives: tuple[str, ...] = OBJECTIVES
     # A limit on the NLL proxy's increase (nats per token): TPE treats trials above it as infeasible and no
-    # finalist is taken above it. None: measured and recorded, not limited.
+    # finalist is taken above it. The proxy is computed per trial only when this is set or objectives has "nll".
     max_nll_increase: float | None = None
     # Spread the harmless search prompts (KL, NLL proxy) across system prompts (core.prompts.system_prompt_variants)
     system_prompt_variety: bool = True
@@ -526,7 +526,11 @@ def run_search(
         f"baseline: {baseline.refusals}/{baseline.n_prompts} {behaviour.counted} on the search prompts "
         f"(set-up {time.perf_counter() - t0:.0f} s, batch size {batch})"
     )
-    nll_proxy = _load_or_build_proxy(model, tokenizer, good_search, out, batch) if behaviour.run_settings else None
+    # The per-trial NLL proxy costs a full prefill of prompts + answers (~10 s a trial on a 2-core CPU, as much as the
+    # rest of the trial): it runs only when the search uses it. By default first-token KL is the capability signal
+    # (it predicted retention better, notes/issue-16.md) and the finalists' NLL is measured on the test prompts.
+    uses_nll = "nll" in config.objectives or config.max_nll_increase is not None
+    nll_proxy = _load_or_build_proxy(model, tokenizer, good_search, out, batch) if uses_nll else None
     if nll_proxy is not None:
         log(f"NLL proxy: {nll_proxy.baseline:.3f} nats/token on the unedited model's own answers")
     measure = worst = None
