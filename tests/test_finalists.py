@@ -37,7 +37,7 @@ from hereticlab.search.finalists import (
     judge_finalists,
 )
 from hereticlab.search.runner import RunConfig, run_search
-from hereticlab.search.study import NLLConstraint, SearchError, open_study, pareto
+from hereticlab.search.study import NLLConstraint, SearchError, edits_from_params, open_study, pareto
 
 # A template that, like Qwen2.5's, writes its own system message when the conversation has none.
 DEFAULT_INJECTING_TEMPLATE = (
@@ -112,6 +112,17 @@ def test_evaluator_measures_groups_with_their_own_system_prompts(tiny_llama):
         model, tok, load_prompts("harmful")[:3], [p for g in good for p in g], batch_size=4, progress=False
     )
     assert not torch.allclose(single.baseline_logprobs, evaluator.baseline_logprobs, atol=1e-3)
+    # each group shares its own prefix (its header and system prompt), and the fast path stays exact under an edit
+    assert all(g.prefix_length >= 4 for g in evaluator._good_groups) and evaluator.fast_paths_checked
+    edits = edits_from_params(model, {"projected": _directions(model)}, _params())
+    kl = evaluator.evaluate_edits(edits).kl_per_prompt
+    from hereticlab.interventions.edits import apply_edits
+    from hereticlab.measure.metrics import kl_from_logprobs
+
+    with apply_edits(model, edits):
+        plain = torch.cat([first_token_logprobs(model, tok, g, progress=False) for g in good])
+    assert torch.allclose(torch.tensor(kl), kl_from_logprobs(expected, plain), atol=1e-4)
+    assert max(kl) > 1e-5  # the edit moves the distributions (so the equality above is not 0 == 0)
 
 
 # ----------------------------------------------------------------------------------------------------------

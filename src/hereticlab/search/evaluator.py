@@ -204,12 +204,11 @@ class TrialEvaluator:
         # and system prompt, for refusal) share one prefix cache: {prefix tokens: keys/values}; None outside.
         self._prefix_memo: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._kv_replayable = self.n_blocks
-        self._texts = {
-            "bad": chat_texts(tokenizer, bad, **chat_kwargs),
-            "good": [t for g in good_groups for t in chat_texts(tokenizer, g, **chat_kwargs)],
-        }
-        self._bad = self._prepare(self._texts["bad"], with_kv=True)
-        self._good = self._prepare(self._texts["good"], with_kv=False)
+        self._texts = {"bad": chat_texts(tokenizer, bad, **chat_kwargs)}
+        # One good group per system prompt: each shares its own prefix (header + system prompt) within a trial.
+        self._good_texts = [chat_texts(tokenizer, g, **chat_kwargs) for g in good_groups]
+        self._texts["good"] = self._good_texts[0]  # the fast-path check probes the first group
+        self._prepare_sides()
         self.fast_paths_checked = self._check_fast_paths()
         self.baseline_logprobs = self._first_token_logprobs(start_layer=0)
 
@@ -262,6 +261,11 @@ class TrialEvaluator:
             if shared < self.min_shared_prefix:
                 shared = 0
         return ids, shared
+
+    def _prepare_sides(self) -> None:
+        self._bad = self._prepare(self._texts["bad"], with_kv=True)
+        self._good_groups = [self._prepare(texts, with_kv=False) for texts in self._good_texts]
+        self._good = self._good_groups[0]
 
     def _prepare(self, texts: list[str], with_kv: bool) -> _PromptSet:
         """Tokenize once, find the shared prefix, sort by length (less padding), record the unedited prefix tensors."""
@@ -363,8 +367,7 @@ class TrialEvaluator:
         compat.warn_fallback("prefix replay and shared prompt prefix", problem)
         self.reuse_prefix = self.share_prefix = False
         self._kv_replayable = self.n_blocks
-        self._bad = self._prepare(self._texts["bad"], with_kv=True)
-        self._good = self._prepare(self._texts["good"], with_kv=False)
+        self._prepare_sides()
         return False
 
     def _probe_tokens(self, probe: _PromptSet, start: int, n_tokens: int) -> list[int]:
@@ -403,7 +406,9 @@ class TrialEvaluator:
 
     @torch.no_grad()
     def _first_token_logprobs(self, start_layer: int, side: _PromptSet | None = None) -> torch.Tensor:
-        side = side or self._good
+        """First-token log-probs ``[n, vocab]`` of ``side`` (default: every good group, in the order given)."""
+        if side is None:
+            return torch.cat([self._first_token_logprobs(start_layer, group) for group in self._good_groups])
         start = self._usable_start(start_layer)
         rows, values = [], []
         prefix_kv = self._prefix_kv(side)
