@@ -63,7 +63,7 @@ search = [
     "import hereticlab as hl\nfrom hereticlab.search.runner import RunConfig, run_search\nfrom hereticlab.search import pareto, plot_pareto, trials_table\n\n"
     "model, tok = hl.load_model(MODEL)\n"
     'config = RunConfig(model=MODEL, out=f"{OUTPUT}/search", trials=4 if QUICK else 30, startup_trials=2 if QUICK else 10,\n'
-    "                   train_prompts=16 if QUICK else 200, search_prompts=6 if QUICK else 32, kl_max=1e9 if QUICK else 0.1,\n"
+    "                   train_prompts=16 if QUICK else 200, search_prompts=6 if QUICK else 32, kl_max=1e9 if QUICK else 0.05,\n"
     "                   judge_new_tokens=8 if QUICK else 128, over_refusal_new_tokens=8 if QUICK else 64,\n"
     "                   capability_new_tokens=8 if QUICK else 48, batch_size=8 if QUICK else None)\n"
     "result = run_search(config, model=model, tokenizer=tok)",

@@ -84,7 +84,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         help="skip refusal counting above this KL (trial marked pruned); <0 disables",
     )
     p.add_argument(
-        "--kl-max", type=float, default=0.1, help="finalists and the choice keep first-token KL at most this"
+        "--kl-max", type=float, default=0.05, help="finalists and the choice keep first-token KL at most this"
     )
     p.add_argument(
         "--objectives",
@@ -100,7 +100,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--finalists",
         type=int,
-        default=2,
+        default=1,
         help="Pareto-front trials re-judged on the test prompts (both judges, capability, over-refusal); 0: off",
     )
     p.add_argument("--judge-new-tokens", type=int, default=128, help="greedy tokens per finalist test response")

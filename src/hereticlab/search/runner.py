@@ -110,7 +110,7 @@ class RunConfig:
     max_new_tokens: int = 100
     kl_ceiling: float | None = 1.0
     kl_floor: float = 0.01
-    kl_max: float = 0.1
+    kl_max: float = 0.05
     choose: int | None = None
     batch_size: int | None = None
     final_new_tokens: int = 64
@@ -127,7 +127,7 @@ class RunConfig:
     system_prompt_variety: bool = True
     # Tiered judging (refusal only): how many Pareto-front trials are re-judged on the test prompts (0: choose by
     # the search's own scores), with how many greedy tokens, and the capability retention a finalist must keep.
-    finalists: int = 2
+    finalists: int = 1
     judge_new_tokens: int = 128
     over_refusal_new_tokens: int = 64
     capability_new_tokens: int = 48
