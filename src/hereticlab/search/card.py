@@ -54,7 +54,7 @@ def model_card(record: dict[str, Any]) -> str:
     chosen = record["chosen_trial"]
     versions = ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items())
     lines = [
-        f"# {settings['model']}, directional ablation (hereticlab)",
+        f"# {record.get('base_model', settings['model']).split(' (')[0]}, directional ablation (hereticlab)",
         "",
         f"Base model: `{record.get('base_model', settings['model'])}`. Weights edited by directional ablation "
         f"(difference-of-means direction removed from the attention-output and MLP-down weights with a per-layer "

@@ -900,7 +900,10 @@ def finalize(config: RunConfig, context: FinalContext) -> dict[str, Any]:
         record["system_prompts"] = robustness
     if context.variants:
         record["harmless_system_prompts"] = context.variants
-    record["base_model"] = str(getattr(model, "name_or_path", "") or config.model)
+    from ..core.models import PACKAGED_MODELS
+
+    packaged = PACKAGED_MODELS.get(config.model)
+    record["base_model"] = packaged.description if packaged else str(getattr(model, "name_or_path", "") or config.model)
     _atomic_write(out / "run.json", json.dumps(record, indent=2, default=str))
     if hashes:
         from .card import model_card
