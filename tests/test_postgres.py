@@ -209,3 +209,40 @@ def test_shared_study_workers_do_not_repeat_startup_trials():
     plain = open_study("plain", storage, seed=0, n_startup_trials=STARTUP)
     assert type(plain.sampler) is optuna.samplers.TPESampler
     assert isinstance(workers[0].sampler, TrialSeededTPESampler)
+
+
+def test_make_storage_retries_the_schema_race_and_nothing_else(monkeypatch):
+    """No server needed: workers starting together on a fresh database race to create Optuna's tables; the loser
+    gets IntegrityError / OperationalError, or on PostgreSQL a ProgrammingError "relation ... already exists".
+    Those are retried; any other ProgrammingError is one clear error at once."""
+    import optuna.storages
+
+    from hereticlab.search.study import SearchError
+
+    class ProgrammingError(Exception):  # named like SQLAlchemy's: make_storage matches on the class name
+        pass
+
+    calls: list[str] = []
+
+    def fake_storage(errors):
+        def make(url, **_):
+            calls.append(url)
+            if errors:
+                raise errors.pop(0)
+            return "storage"
+
+        return make
+
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    race = ProgrammingError('(psycopg2.errors.DuplicateTable) relation "studies" already exists')
+    monkeypatch.setattr(optuna.storages, "RDBStorage", fake_storage([race, race]))
+    assert make_storage("sqlite:///x.db") == "storage" and len(calls) == 3
+
+    calls.clear()
+    wrong = ProgrammingError('(psycopg2.errors.UndefinedColumn) column "x" does not exist')
+    monkeypatch.setattr(optuna.storages, "RDBStorage", fake_storage([wrong]))
+    with pytest.raises(
+        SearchError, match="cannot open storage 'sqlite:///x.db' \\(ProgrammingError: .*UndefinedColumn"
+    ):
+        make_storage("sqlite:///x.db")
+    assert len(calls) == 1

@@ -181,8 +181,12 @@ def make_storage(storage: str | None, run_dir: str | Path | None = None) -> optu
         try:
             return RDBStorage(url, heartbeat_interval=30, grace_period=120)
         except Exception as exc:  # noqa: BLE001 - Optuna raises many kinds; the user needs one line
-            # Workers starting together race to create the schema: retry those database errors only.
-            if type(exc).__name__ in ("IntegrityError", "OperationalError") and attempt < 9:
+            # Workers starting together race to create the schema (PostgreSQL reports the loser's CREATE TABLE as
+            # a ProgrammingError "relation ... already exists"): retry those database errors only.
+            racing = type(exc).__name__ in ("IntegrityError", "OperationalError") or (
+                type(exc).__name__ == "ProgrammingError" and "already exists" in str(exc)
+            )
+            if racing and attempt < 9:
                 time.sleep(0.2 + 0.3 * attempt)
                 continue
             raise SearchError(
