@@ -262,3 +262,145 @@ def test_selection_adds_at_resid_without_the_deprecated_layer_keyword(tiny_llama
         expected = refusal_metric(model, tok, PROMPTS[3:]).mean()
     assert frame.induce.item() == pytest.approx(float(expected), abs=1e-5)
     assert last["metric_added"] == explicit["metric_added"]  # layer=-1 is the input of the last block
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-seed protocol of notebook 05
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_filter_choices_and_their_fallbacks():
+    from hereticlab.measure.selection import failed_filters, filter_choices, primary_choice
+
+    frame = synthetic_frame()  # row 3 passes all; row 0 fails induce only; row 2 fails kl only; row 1 fails layer
+    choices = filter_choices(frame, n_layers=10)
+    assert choices == {"arditi": 3, "kl_capped": 0, "relaxed": 2, "layer_only": 0}
+    assert choices["arditi"] == choose_candidate(frame, n_layers=10)  # the same rule as choose_candidate
+    assert primary_choice(choices) == "arditi"
+    strict = filter_choices(frame, n_layers=10, kl_max=0.001)  # nothing passes the KL cap
+    assert strict == {"arditi": None, "kl_capped": None, "relaxed": 2, "layer_only": 0}
+    assert primary_choice(strict) == "relaxed"
+    assert primary_choice({"arditi": None, "kl_capped": None, "relaxed": None, "layer_only": 4}) == "layer_only"
+    assert primary_choice(dict.fromkeys(("arditi", "kl_capped", "relaxed", "layer_only"))) is None
+    assert failed_filters(frame.loc[3], n_layers=10) == []
+    assert failed_filters(frame.loc[2], n_layers=10) == ["KL < 0.1 (0.5)"]
+    assert failed_filters(frame.loc[0], n_layers=10) == ["induce > 0 (-0.5)"]
+    assert failed_filters(frame.loc[1], n_layers=10) == ["layer < 8 (9)"]
+    nan = frame.assign(kl=float("nan"))  # a score that could not be computed never passes
+    assert filter_choices(nan, n_layers=10)["arditi"] is None
+
+
+def test_seed_split_is_disjoint_complete_and_reproducible():
+    from hereticlab.measure.selection import seed_split
+
+    train, val, test = seed_split(50, n_test=10, n_val=8, seed=3)
+    assert (len(train), len(val), len(test)) == (32, 8, 10)
+    assert sorted(train + val + test) == list(range(50))
+    assert seed_split(50, n_test=10, n_val=8, seed=3) == (train, val, test)
+    assert seed_split(50, n_test=10, n_val=8, seed=4)[2] != test
+    with pytest.raises(ValueError, match="no training"):
+        seed_split(10, n_test=5, n_val=5, seed=0)
+
+
+def synthetic_seed(frame, seed=0):
+    from hereticlab.measure.selection import SeedSelection, filter_choices
+
+    dirs = {p: hl.Directions(torch.randn(11, 8)) for p in (-1, -2)}
+    kw = {"n_layers": 10, "induce_min": 0.0, "kl_max": 0.1, "max_layer_frac": 0.8}
+    splits = {s: (list(range(20)), list(range(20, 24)), list(range(24, 30))) for s in ("harmful", "harmless")}
+    kept = {"harmful": list(range(15)), "harmless": list(range(20))}
+    return SeedSelection(seed, splits, kept, dirs, frame, filter_choices(frame, **kw), kw)
+
+
+def test_seed_selection_arms_and_computed_text():
+    frame = synthetic_frame()
+    passing = synthetic_seed(frame)
+    assert passing.arms() == {"chosen": "arditi"}  # Arditi's filters pass: no fallback is evaluated
+    assert torch.equal(passing.vector("arditi"), passing.directions[-2].vectors[4])
+    text = passing.describe()
+    assert "**2/5 pass all three**" in text and "kept 15/20 harmful, 20/20 harmless" in text
+    assert "position -2, layer 4" in text and "passes all three → evaluated on test as **chosen**" in text
+    # No candidate passes the KL cap except row 0 (which fails induce): relaxed = chosen, KL-capped beside it.
+    failing = synthetic_seed(frame.assign(kl=[0.01, 0.5, 0.5, 0.5, 0.5]))
+    assert failing.choices["arditi"] is None and failing.arms() == {"chosen": "relaxed", "KL-capped": "kl_capped"}
+    text = failing.describe()
+    assert "**0/5 pass all three**" in text and "Arditi's choice (all three filters): none." in text
+    assert "fails KL < 0.1 (0.5) → evaluated on test as **chosen**" in text
+    assert "fails induce > 0 (-0.5) → evaluated on test as **KL-capped**" in text
+    # When the fallback and the KL-capped choice are one candidate, it is evaluated once.
+    same = synthetic_seed(frame.assign(induce=-1.0))
+    assert same.primary == "layer_only" and same.arms() == {"chosen": "layer_only"}
+    assert "**chosen**" in same.describe()
+    with pytest.raises(KeyError, match="arditi"):
+        same.vector("arditi")
+
+
+def test_cached_outputs_generates_each_prompt_once():
+    from hereticlab.measure.selection import cached_outputs
+
+    calls = []
+
+    def produce(missing):
+        calls.append(list(missing))
+        return pd.DataFrame({"prompt": missing, "response": [p.upper() for p in missing]})
+
+    cache = {}
+    first = cached_outputs(cache, "arm", produce, ["a", "b"])
+    again = cached_outputs(cache, "arm", produce, ["c", "b", "a", "c"])
+    assert calls == [["a", "b"], ["c"]]
+    assert first["response"].tolist() == ["A", "B"] and again["response"].tolist() == ["C", "B", "A", "C"]
+    assert cached_outputs(cache, "other", produce, ["a"])["prompt"].tolist() == ["a"] and len(calls) == 3
+
+
+def test_select_for_seed_and_score_direction_on_tiny_model(tiny_llama):
+    from hereticlab.measure.selection import arm_interventions, score_direction, select_for_seed
+
+    model, tok = tiny_llama
+    harmful, harmless = hl.PromptSet(tuple(PROMPTS * 2)), hl.PromptSet(tuple(p + "!" for p in PROMPTS * 2))
+    harmful = hl.PromptSet(tuple(f"{p} ({i})" for i, p in enumerate(harmful)))
+    prompts = {"harmful": harmful, "harmless": harmless}
+    positions = [-2, -1]
+    residuals = {
+        s: hl.capture_residuals(model, tok, p, positions=positions, progress=False) for s, p in prompts.items()
+    }
+    metrics = {s: refusal_metric(model, tok, p) for s, p in prompts.items()}
+    run = select_for_seed(
+        model,
+        tok,
+        residuals,
+        metrics,
+        prompts,
+        seed=1,
+        n_test=3,
+        n_val=2,
+        positions=positions,
+        layers=[1, 2],
+        min_keep=2,
+    )
+    train, val, test = run.splits["harmful"]
+    assert not set(train) & set(val) and not set(val) & set(test) and len(test) == 3
+    assert set(run.kept["harmful"]) <= set(train) and len(run.kept["harmful"]) >= 2
+    assert len(run.frame) == 4 and run.frame["seed"].eq(1).all() and run.frame["chosen"].sum() <= 1
+    # The directions are the mean difference of the kept training prompts.
+    expected = hl.mean_difference(
+        residuals["harmful"][run.kept["harmful"], 1], residuals["harmless"][run.kept["harmless"], 1]
+    )
+    assert torch.allclose(run.directions[-1].vectors, expected.vectors)
+    # score_direction gives the candidate's validation scores again.
+    row = run.frame.iloc[0]
+    r = run.directions[int(row["position"])].vectors[int(row["layer"])]
+    val_bad = [harmful[j] for j in val]
+    val_good = [harmless[j] for j in run.splits["harmless"][1]]
+    scores = score_direction(model, tok, r, int(row["layer"]), val_bad, val_good)
+    for key in ("bypass", "induce", "kl"):
+        assert scores[key] == pytest.approx(float(row[key]), abs=1e-5)
+    basis = torch.linalg.qr(torch.randn(64, 2))[0].T
+    assert math.isnan(score_direction(model, tok, basis, 1, val_bad, val_good)["induce"])
+    ablate, add = arm_interventions(model, r, 1)
+    assert arm_interventions(model, None, 1) == (None, None)
+    with ablate():
+        ablated = refusal_metric(model, tok, val_bad)
+    assert float(ablated.mean()) == pytest.approx(scores["bypass"], abs=1e-5)
+    with add():
+        added = refusal_metric(model, tok, val_good)
+    assert float(added.mean()) == pytest.approx(scores["induce"], abs=1e-5)

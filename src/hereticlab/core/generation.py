@@ -1,4 +1,5 @@
-"""Greedy decoding: the one decode loop (KV cache, last-position logits, finished rows leave the batch)."""
+"""Decoding: the one decode loop (KV cache, last-position logits, finished rows leave the batch), greedy by default,
+temperature sampling from a seeded generator when asked."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[i
     return ids
 
 
+def next_tokens_from(
+    logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next tokens ``[B]`` from last-position logits ``[B, V]``: the argmax at ``temperature <= 0``, else one draw
+    from ``softmax(logits / temperature)``. Draws happen on the CPU with ``generator`` (a ``torch.Generator`` on
+    the CPU), so a seed gives the same tokens on any device."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
 @torch.no_grad()
 def iter_greedy(
     model: nn.Module,
@@ -38,6 +51,8 @@ def iter_greedy(
     stop: Callable[[int, list[int]], bool] | None = None,
     cache: Cache | None = None,
     first_logits: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Iterator[dict[int, int]]:
     """The one decode loop, one step at a time: greedy decoding with a KV cache, logits only at the last position,
     finished rows leaving the batch.
@@ -46,7 +61,8 @@ def iter_greedy(
     Yields ``{row: token}`` for the rows that produced a (non-EOS) token at each step, before the next forward runs
     (so a consumer that stops iterating saves the rest). A row ends at EOS (not yielded), at ``max_new_tokens``, or
     when ``stop(row, tokens so far)`` returns True. ``cache`` / ``first_logits``: a prefill already done by the caller
-    (``[B, V]`` next-token logits).
+    (``[B, V]`` next-token logits). ``temperature > 0`` samples each token instead (``next_tokens_from``) from
+    ``generator``; the default is greedy, as the name says.
     """
     n = batch["input_ids"].shape[0]
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -55,7 +71,7 @@ def iter_greedy(
     if first_logits is None:
         logits, cache = compat.forward(model, batch, use_cache=True)
         first_logits = logits[:, -1]
-    next_tokens = first_logits.argmax(-1)
+    next_tokens = next_tokens_from(first_logits, temperature, generator)
     rows = list(range(n))
     mask = batch["attention_mask"]
     positions = batch["position_ids"][:, -1:]
@@ -87,7 +103,7 @@ def iter_greedy(
         logits, cache = compat.forward(
             model, {"input_ids": next_tokens[:, None], "attention_mask": mask, "position_ids": positions}, cache=cache
         )
-        next_tokens = logits[:, -1].argmax(-1)
+        next_tokens = next_tokens_from(logits[:, -1], temperature, generator)
 
 
 def greedy_decode(
@@ -99,15 +115,29 @@ def greedy_decode(
     stop: Callable[[int, list[int]], bool] | None = None,
     cache: Cache | None = None,
     first_logits: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a whole batch (``iter_greedy`` run to the end).
 
     ``stop(row, tokens)`` returns True once row ``row`` is decided (its generation ends there).
     ``cache`` / ``first_logits``: a prefill already done by the caller (``[B, V]`` next-token logits).
+    ``temperature`` / ``generator``: sample instead of taking the argmax (see ``iter_greedy``).
     Returns the generated token ids per row (EOS excluded).
     """
     generated: list[list[int]] = [[] for _ in range(batch["input_ids"].shape[0])]
-    for step in iter_greedy(model, batch, max_new_tokens, eos_ids, stop=stop, cache=cache, first_logits=first_logits):
+    steps = iter_greedy(
+        model,
+        batch,
+        max_new_tokens,
+        eos_ids,
+        stop=stop,
+        cache=cache,
+        first_logits=first_logits,
+        temperature=temperature,
+        generator=generator,
+    )
+    for step in steps:
         for row, token in step.items():
             generated[row].append(token)
     return generated
@@ -123,16 +153,22 @@ def generate(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
     **chat_kwargs: Any,
 ) -> list[str]:
-    """Greedy responses to ``prompts`` (chat template applied), batched with left padding."""
+    """Responses to ``prompts`` (chat template applied), batched with left padding: greedy by default; with
+    ``temperature > 0`` every token is sampled from one CPU generator seeded with ``seed``, so the same call (same
+    prompts, order and batch size) gives the same responses. For several samples per prompt, repeat the prompt."""
     texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)
     device = model_device(model)
     eos = eos_token_ids(model, tokenizer)
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     responses: list[str] = []
     for chunk in tqdm(
         list(batched(texts, batch_size or auto_batch_size(model))), desc="generate", disable=not progress, leave=False
     ):
-        tokens = greedy_decode(model, encode(tokenizer, chunk, device), max_new_tokens, eos)
+        batch = encode(tokenizer, chunk, device)
+        tokens = greedy_decode(model, batch, max_new_tokens, eos, temperature=temperature, generator=generator)
         responses.extend(cast(str, tokenizer.decode(t, skip_special_tokens=True)) for t in tokens)  # one row: a str
     return responses

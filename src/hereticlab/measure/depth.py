@@ -4,6 +4,9 @@
   the original and the edited model at every response position: ``KL_k(orig ‖ edited | x, y_<k)``.
 * ``prefill_refusal``: force the first ``k`` tokens of a (compliant) response start and measure how often the model
   still refuses in what it generates next, for several ``k``.
+* ``reference_nll`` / ``ce_shift``: teacher-forced NLL of fixed plain text that no model under study wrote
+  (``load_reference_text``: ``prompts/reference/plain_prose.txt``), and the change an edit makes to it per token,
+  with a bootstrap interval over paragraphs.
 
 Interventions are given as a *factory*: a callable returning a fresh context manager, e.g.
 ``lambda: hl.ablate(model, r)`` or ``lambda: hl.ablation_hooks(model, r)`` (``None`` = the unedited model).
@@ -22,8 +25,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core import compat
 from ..core.capture import auto_batch_size, encode_ids, model_device, pad_id
-from ..core.prompts import PromptSet, format_chat
+from ..core.prompts import PROMPTS_DIR, PromptSet, format_chat, load_prompts
 from .metrics import MarkerDetector, generate_and_judge
+from .report import Estimate, bootstrap_interval
 
 Intervention = Callable[[], AbstractContextManager] | None
 
@@ -191,6 +195,7 @@ def prefill_refusal(
     detector: Callable[[Sequence[str]], list[bool]] | None = None,
     max_new_tokens: int = 24,
     batch_size: int | None = None,
+    early_stop: bool = False,
     **chat_kwargs: Any,
 ) -> pd.DataFrame:
     """Refusal rate when the first ``k`` tokens of ``responses`` are forced as the start of the answer.
@@ -199,7 +204,8 @@ def prefill_refusal(
     (e.g. ``"Sure, here is how to do it:"``). The prefix is the decoded first ``k`` tokens, appended after the
     generation prompt exactly like ``format_chat(..., response_prefix=...)``/``PromptSet.response_prefix``. Only
     the *continuation* is judged (the forced prefix is compliant by construction). Returns ``(k, refusal_rate, n)``;
-    ``frame.attrs['responses']`` maps ``k`` to the continuations.
+    ``frame.attrs['responses']`` maps ``k`` to the continuations. ``early_stop``: stop a continuation once the
+    detector's decision is final (same decisions with a ``MarkerDetector``, fewer decoding steps, shorter texts).
     """
     detector = detector or MarkerDetector()
     prompt_list = list(prompts)
@@ -218,10 +224,103 @@ def prefill_refusal(
                 for p, r in zip(prompt_list, resp_ids)
             ]
             outs, refused = generate_and_judge(
-                model, tokenizer, texts, detector=detector, max_new_tokens=max_new_tokens, batch_size=size
+                model,
+                tokenizer,
+                texts,
+                detector=detector,
+                max_new_tokens=max_new_tokens,
+                batch_size=size,
+                early_stop=early_stop,
             )
             rows.append({"k": k, "refusal_rate": sum(refused) / len(refused), "n": len(refused)})
             texts_by_k[k] = outs
     frame = pd.DataFrame(rows)
     frame.attrs["responses"] = texts_by_k
     return frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-entropy on fixed reference text (text the model did not write)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_reference_text(name: str = "plain_prose") -> list[str]:
+    """Paragraphs of a reference text shipped in ``prompts/reference/`` (one paragraph per line, ``#`` comments).
+
+    ``plain_prose``: 46 paragraphs of ordinary expository English written for hereticlab (see its README).
+    """
+    path = PROMPTS_DIR / "reference" / f"{name}.txt"
+    if not path.exists():  # an editable install without the data link: the repository's prompts/
+        path = PROMPTS_DIR.parents[2].parent / "prompts" / "reference" / f"{name}.txt"
+    return list(load_prompts(path))
+
+
+@torch.no_grad()
+def reference_nll(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    intervention: Intervention = None,
+    *,
+    max_tokens: int = 128,
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced NLL of plain ``texts`` (no chat template) under ``intervention`` (``None``: unedited).
+
+    Each text is tokenized as it is (with the tokenizer's special tokens, e.g. a BOS) and cut to ``max_tokens``;
+    every token after the first is scored. Returns ``(nll_sum [n], n_tokens [n])`` (float64, int64): the summed
+    NLL and the number of scored tokens per text, so that the corpus mean per token is ``nll_sum.sum() /
+    n_tokens.sum()`` and a bootstrap can resample whole texts (``ce_shift``).
+    """
+    rows = [tokenizer.encode(t)[:max_tokens] for t in texts]
+    if any(len(r) < 2 for r in rows):
+        raise ValueError("reference_nll: every text needs at least 2 tokens (one to condition on, one to score)")
+    size = batch_size or auto_batch_size(model)
+    sums, counts = [], []
+    with _context(intervention):
+        for s in range(0, len(rows), size):
+            chunk = rows[s : s + size]
+            batch = encode_ids(chunk, pad_id(tokenizer), model_device(model))
+            logits = compat.forward(model, batch, last=None)[0].float()  # [b, T, V]
+            lp = torch.log_softmax(logits[:, :-1], dim=-1)
+            targets = batch["input_ids"][:, 1:]
+            nll = -lp.gather(-1, targets[..., None])[..., 0]  # [b, T − 1]: position t predicts token t + 1
+            own = batch["attention_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()  # left padding
+            sums.append((nll * own).sum(1).double().cpu())
+            counts.append(own.sum(1).cpu())
+    return torch.cat(sums), torch.cat(counts).long()
+
+
+def ce_shift(
+    base_sum: torch.Tensor | Sequence[float],
+    edited_sum: torch.Tensor | Sequence[float],
+    n_tokens: torch.Tensor | Sequence[int],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Change in cross-entropy per token, ``(Σ edited − Σ base) / Σ n_tokens`` over texts ``[n]``, with a
+    percentile bootstrap over texts (a text's tokens are resampled together: they are not independent).
+
+    ``base_sum`` / ``edited_sum``: summed NLL per text (``reference_nll``) of the same texts; positive = the edit
+    makes the text less likely. To pool several edits (seeds, random draws) and still resample *texts*, pass each
+    text's mean over the edits as ``edited_sum``.
+    """
+    base = torch.as_tensor(base_sum, dtype=torch.float64)
+    edited = torch.as_tensor(edited_sum, dtype=torch.float64)
+    counts = torch.as_tensor(n_tokens, dtype=torch.float64)
+    if not base.shape == edited.shape == counts.shape or base.ndim != 1:
+        raise ValueError(
+            f"ce_shift needs three [n] vectors, got {tuple(base.shape)}, {tuple(edited.shape)}, {tuple(counts.shape)}"
+        )
+    rows = torch.stack([edited - base, counts], dim=1).numpy()  # [n, 2]
+
+    def per_token(r: Any) -> float:
+        return float(r[:, 0].sum() / r[:, 1].sum())
+
+    value, low, high = bootstrap_interval(
+        cast(Any, rows), per_token, confidence=confidence, n_resamples=n_resamples, seed=seed
+    )
+    detail = f"{len(rows)} texts, {int(counts.sum())} tokens, text bootstrap {confidence:.0%}"
+    return Estimate(value, min(low, value), max(high, value), detail)

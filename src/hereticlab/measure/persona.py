@@ -15,12 +15,15 @@ model under study answering Yes/No), or any function (e.g. a scripted one in tes
 
 from __future__ import annotations
 
+import math
+import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -33,10 +36,11 @@ from ..core.generation import generate
 from ..core.prompts import PromptError, format_chat
 from ..directions.base import Directions, mean_difference, normalize
 from ..interventions.steering import capture_span_mean
-from .detectors import DetectionResult
+from .detectors import DetectionResult, Detector, detect_with
 from .embedding import SentenceEmbedder, embedding_model_dir
 from .judges import token_ids
 from .metrics import normalize_text
+from .report import Estimate
 
 Judge = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -212,7 +216,8 @@ def load_trait(source: str | Path) -> TraitSpec:
 class TraitDetector:
     """The ``Detector`` protocol for a trait judge (``judge(questions, responses) -> scores`` in ``[0, 1]``):
     ``detect(texts, prompts=None)`` scores the responses (the prompts are the questions; blank when ``None``) and
-    decides ``score >= threshold``; ``decided(text)`` is always ``None``: a trait score can change with more text,
+    decides ``score > threshold`` (strictly: a keyword judge that matched nothing scores its neutral 0.5, undecided,
+    which is not "shows the trait"); ``decided(text)`` is always ``None``: a trait score can change with more text,
     so no prefix decides it."""
 
     threshold: float = 0.5
@@ -221,7 +226,7 @@ class TraitDetector:
         texts = list(texts)
         questions = list(prompts) if prompts is not None else [""] * len(texts)
         scores = [float(s) for s in self(questions, texts)]
-        return DetectionResult([s >= self.threshold for s in scores], scores)
+        return DetectionResult([s > self.threshold for s in scores], scores)
 
     def decided(self, text: str) -> bool | None:
         return None
@@ -332,9 +337,104 @@ class SelfJudge(TraitDetector):
         return scores
 
 
+def detector_judge(detector: Detector) -> Judge:
+    """A ``Detector`` (e.g. ``MarkerDetector``, ``calibrated_semantic_detector()``) as a judge: its decision per
+    response as a score, 1.0 (shows the trait) or 0.0. The questions are passed to it as the prompts."""
+
+    def judge(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
+        result = detect_with(detector, list(responses), list(questions))
+        return [1.0 if d else 0.0 for d in result.decisions]
+
+    return judge
+
+
+def consensus(scores: np.ndarray | Sequence[Sequence[float]], *, neutral: float = 0.5) -> np.ndarray:
+    """Combine several judges' scores ``[n, k]`` into one per response ``[n]``.
+
+    A judge scoring exactly ``neutral`` abstains (e.g. a keyword judge that found no pattern). When every other
+    judge is on the same side of ``neutral`` the result is their mean; when they disagree, or all abstain, it is
+    ``neutral`` (undecided: ``judge_pairs``' strict thresholds drop such responses, and ``> neutral`` counts them
+    as not showing the trait). So ``consensus > neutral`` means "every judge that decided says: trait".
+    """
+    data = np.asarray(scores, dtype=float)
+    if data.ndim != 2:
+        raise ValueError(f"consensus needs scores of shape [n, judges], got {data.shape}")
+    out = np.full(data.shape[0], neutral, dtype=float)
+    for i, row in enumerate(data):
+        voting = row[row != neutral]
+        if len(voting) and ((voting > neutral).all() or (voting < neutral).all()):
+            out[i] = float(voting.mean())
+    return out
+
+
+def judge_table(judges: Mapping[str, Judge], questions: Sequence[str], responses: Sequence[str]) -> pd.DataFrame:
+    """Every judge's score per response, and their combination: one column per judge name, ``score``
+    (``consensus``), ``trait`` (``score > 0.5``: every deciding judge says the response shows the trait) and
+    ``disagree`` (the judges' own decisions, ``score > 0.5`` each, differ). One row per response, in order."""
+    if not judges:
+        raise ValueError("judge_table needs at least one judge")
+    table = pd.DataFrame(
+        {name: [float(s) for s in judge(list(questions), list(responses))] for name, judge in judges.items()}
+    )
+    table["score"] = consensus(table[list(judges)].to_numpy())
+    table["trait"] = table["score"] > 0.5
+    decisions = table[list(judges)] > 0.5
+    table["disagree"] = decisions.nunique(axis=1) > 1
+    return table
+
+
+def stand_in_side_judge(frame: pd.DataFrame) -> Judge:
+    """A STAND-IN for pipeline tests on a random model, not a judge: it scores the rows of ``frame`` (in order) by the
+    system prompt they were generated under (1.0 positive, 0.0 negative) and ignores the text. Use it only where
+    no real judge can find the trait (a random tiny model), and say so in the output."""
+    sides = [1.0 if side == "positive" else 0.0 for side in frame["side"]]
+
+    def judge(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
+        if len(responses) != len(sides):
+            raise ValueError(f"stand_in_side_judge was built for {len(sides)} rows, got {len(responses)}")
+        return list(sides)
+
+    return judge
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Extraction
 # ----------------------------------------------------------------------------------------------------------
+
+
+def sample_responses(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    samples: int = 1,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int | None = None,
+    progress: bool = False,
+    **chat_kwargs: Any,
+) -> list[list[str]]:
+    """``samples`` sampled responses per prompt (chat template applied; ``chat_kwargs``, e.g. ``system_prompt``, go
+    to it): ``[len(prompts)][samples]``. Each prompt is repeated ``samples`` times in the batches; one generator
+    seeded with ``seed`` draws every token, so the same call gives the same responses."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples > 1 and temperature <= 0:
+        raise ValueError(f"{samples} samples at temperature {temperature} would be {samples} identical greedy copies")
+    repeated = [p for p in prompts for _ in range(samples)]
+    flat = generate(
+        model,
+        tokenizer,
+        repeated,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        temperature=temperature,
+        seed=seed,
+        **chat_kwargs,
+    )
+    return [flat[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
 
 def generate_contrastive(
@@ -345,14 +445,20 @@ def generate_contrastive(
     questions: Sequence[str] | None = None,
     n_prompts: int | None = None,
     max_new_tokens: int = 64,
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Greedy responses to each question under each positive and negative system prompt.
+    """Responses to each question under each positive and negative system prompt: greedy (the default), or
+    ``samples`` rollouts per question at ``temperature`` (Chen et al. sample several responses per question).
 
-    Returns rows ``(pair, question, prompt_index, side, system_prompt, response)``; ``side`` is ``"positive"``
-    or ``"negative"``, and a pair is one question under the positive and negative prompt of one index.
-    ``n_prompts``: use only the first few system-prompt pairs.
+    Returns rows ``(pair, question, prompt_index, sample, side, system_prompt, response)``; ``side`` is
+    ``"positive"`` or ``"negative"``, and a pair is one question's rollout number ``sample`` under the positive and
+    the negative prompt of one index (``pair = (prompt_index · len(questions) + question_index) · samples +
+    sample``). ``n_prompts``: use only the first few system-prompt pairs. ``seed``: each (prompt index, side) draws
+    from its own generator seeded by ``seed``, the index and the side, so the rows do not depend on batching order.
     """
     questions = list(questions if questions is not None else trait.questions)
     n = len(trait.positive) if n_prompts is None else min(n_prompts, len(trait.positive))
@@ -363,43 +469,91 @@ def generate_contrastive(
         for side, sp in (("positive", trait.positive[i]), ("negative", trait.negative[i]))
     ]
     for i, side, system_prompt in tqdm(jobs, desc="persona generate", disable=not progress, leave=False):
-        responses = generate(
-            model,
-            tokenizer,
-            questions,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=False,
-            system_prompt=system_prompt,
-        )
-        for q_index, (question, response) in enumerate(zip(questions, responses)):
-            rows.append(
-                {
-                    "pair": i * len(questions) + q_index,
-                    "question": question,
-                    "prompt_index": i,
-                    "side": side,
-                    "system_prompt": system_prompt,
-                    "response": response,
-                }
+        if samples == 1 and temperature <= 0:
+            responses = [
+                [r]
+                for r in generate(
+                    model,
+                    tokenizer,
+                    questions,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    progress=False,
+                    system_prompt=system_prompt,
+                )
+            ]
+        else:
+            responses = sample_responses(
+                model,
+                tokenizer,
+                questions,
+                samples=samples,
+                temperature=temperature,
+                seed=seed * 1_000_003 + 2 * i + (side == "negative"),
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                system_prompt=system_prompt,
             )
+        for q_index, (question, rollouts) in enumerate(zip(questions, responses)):
+            for k, response in enumerate(rollouts):
+                rows.append(
+                    {
+                        "pair": (i * len(questions) + q_index) * samples + k,
+                        "question": question,
+                        "prompt_index": i,
+                        "sample": k,
+                        "side": side,
+                        "system_prompt": system_prompt,
+                        "response": response,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def judge_pairs(
-    frame: pd.DataFrame, judge: Judge, *, positive_min: float = 0.5, negative_max: float = 0.5
+    frame: pd.DataFrame,
+    judge: Judge | Mapping[str, Judge],
+    *,
+    positive_min: float = 0.5,
+    negative_max: float = 0.5,
 ) -> pd.DataFrame:
     """Add ``score`` (the judge's) and ``keep``: a pair is kept when its positive response scores
-    ``> positive_min`` and its negative one ``< negative_max`` (Chen et al.'s filter, on a 0–1 scale)."""
+    ``> positive_min`` and its negative one ``< negative_max`` (Chen et al.'s filter, on a 0–1 scale).
+
+    ``judge``: one judge, or several by name (``{name: judge}``): then each gets a column and ``score`` is their
+    ``consensus`` (a response the judges disagree on is undecided and its pair dropped), with ``trait`` and
+    ``disagree`` as in ``judge_table``. ``frame.attrs``: ``pairs``, ``kept_pairs``, and per side how many responses
+    pass their side's threshold (``positive_passed``, ``negative_passed``)."""
     frame = frame.copy()
-    frame["score"] = [float(s) for s in judge(list(frame["question"]), list(frame["response"]))]
+    questions, responses = list(frame["question"]), list(frame["response"])
+    if isinstance(judge, Mapping):
+        table = judge_table(judge, questions, responses)
+        for column in table.columns:
+            frame[column] = table[column].to_numpy()
+    else:
+        frame["score"] = [float(s) for s in judge(questions, responses)]
     pos = frame[frame.side == "positive"].set_index("pair")["score"]
     neg = frame[frame.side == "negative"].set_index("pair")["score"]
     good = set(pos.index[(pos > positive_min).values]) & set(neg.index[(neg < negative_max).values])
     frame["keep"] = frame["pair"].isin(good)
     frame.attrs["kept_pairs"] = len(good)
     frame.attrs["pairs"] = int(frame["pair"].nunique())
+    frame.attrs["positive_passed"] = int((pos > positive_min).sum())
+    frame.attrs["negative_passed"] = int((neg < negative_max).sum())
     return frame
+
+
+def require_pairs(kept: int, total: int, min_pairs: int) -> None:
+    """Raise a ``ValueError`` naming the numbers and the fixes when fewer than ``min_pairs`` of ``total`` pairs
+    survived the judge; never fall back to unjudged pairs."""
+    if kept < min_pairs:
+        raise ValueError(
+            f"the judge kept {kept} of {total} contrastive pairs, fewer than min_pairs={min_pairs}: the model does "
+            "not show the trait often enough under its eliciting system prompts (or shows it under the suppressing "
+            "ones). Fix: more questions or system-prompt pairs, more rollouts per question (samples > 1 with "
+            "temperature > 0), a trait the model can express, or another judge; pass a smaller min_pairs only "
+            "knowingly (and report it)"
+        )
 
 
 def response_activations(
@@ -457,13 +611,11 @@ def persona_directions(
     progress: bool = True,
     min_pairs: int = 1,
 ) -> Directions:
-    """Mean response-token activation of kept positive responses minus kept negative ones, per residual index."""
+    """Mean response-token activation of kept positive responses minus kept negative ones, per residual index:
+    ``Directions`` with ``vectors [L + 1, d]``. Raises ``ValueError`` (``require_pairs``) when fewer than
+    ``min_pairs`` pairs are kept."""
     kept = frame[frame["keep"]] if "keep" in frame else frame
-    if kept["pair"].nunique() < min_pairs:
-        raise ValueError(
-            f"the judge kept {kept['pair'].nunique()} pairs (< {min_pairs}); loosen the thresholds, "
-            "use more questions / system prompts, or another judge"
-        )
+    require_pairs(int(kept["pair"].nunique()), int(frame["pair"].nunique()), min_pairs)
     acts = {}
     for side in ("positive", "negative"):
         rows = kept[kept.side == side]
@@ -495,12 +647,19 @@ def extract_persona_vector(
     max_new_tokens: int = 64,
     positive_min: float = 0.5,
     negative_max: float = 0.5,
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+    min_pairs: int = 1,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> PersonaResult:
     """The whole pipeline: generate under contrastive system prompts, judge, keep separated pairs, average.
 
-    ``judge``: a callable, or ``"keyword"`` / ``"embedding"`` / ``"self"`` for the built-in judges of ``trait``.
+    ``judge``: a callable, ``{name: judge}`` (their ``consensus``), or ``"keyword"`` / ``"embedding"`` / ``"self"``
+    for the built-in judges of ``trait``. ``samples`` / ``temperature`` / ``seed``: rollouts per question
+    (``generate_contrastive``). Fewer than ``min_pairs`` kept pairs raise a ``ValueError`` (Chen et al.'s recipe
+    needs dozens; the default of 1 only refuses an empty set).
     """
     spec = load_trait(trait) if isinstance(trait, str) else trait
     if isinstance(judge, str):
@@ -517,11 +676,16 @@ def extract_persona_vector(
         questions=questions,
         n_prompts=n_prompts,
         max_new_tokens=max_new_tokens,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
         batch_size=batch_size,
         progress=progress,
     )
     frame = judge_pairs(frame, judge, positive_min=positive_min, negative_max=negative_max)
-    directions = persona_directions(model, tokenizer, frame, trait=spec, batch_size=batch_size, progress=progress)
+    directions = persona_directions(
+        model, tokenizer, frame, trait=spec, batch_size=batch_size, progress=progress, min_pairs=min_pairs
+    )
     return PersonaResult(spec, directions, frame)
 
 
@@ -625,6 +789,128 @@ def separation(directions: Directions, positive: torch.Tensor, negative: torch.T
         "cohens_d": float((p.mean() - q.mean()) / pooled),
         "auroc": auroc,
     }
+
+
+def prompt_projections(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    directions: Directions,
+    layers: Sequence[int],
+    *,
+    system_prompt: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``monitor_projection`` at several residuals in one pass: the last prompt token's projection onto ``v̂[layer]``
+    for each layer, ``[n, len(layers)]``."""
+    acts = capture_residuals(
+        model,
+        tokenizer,
+        list(prompts),
+        layers=list(layers),
+        positions=-1,
+        batch_size=batch_size,
+        progress=progress,
+        system_prompt=system_prompt,
+    )
+    return torch.stack([project(acts[:, j], directions, layer) for j, layer in enumerate(layers)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Protocol helpers: splits and correlations with intervals
+# ----------------------------------------------------------------------------------------------------------
+
+
+def split_questions(pool: Sequence[str], n_validation: int, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded shuffle of ``pool`` cut into ``(validation, test)``: the first ``n_validation`` and the rest
+    (disjoint, together the whole pool; ``random.Random(seed)``, so a seed gives the same split anywhere)."""
+    if not 0 < n_validation < len(pool):
+        raise ValueError(f"n_validation must be in 1..{len(pool) - 1} for a pool of {len(pool)}, got {n_validation}")
+    if len(set(pool)) != len(pool):
+        raise ValueError("split_questions needs distinct questions (a repeat would sit in both splits)")
+    order = random.Random(seed).sample(list(pool), len(pool))
+    return order[:n_validation], order[n_validation:]
+
+
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Pearson correlation of two equally long ``[n]`` sequences; NaN when either has no variance (or n < 2)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"pearson needs two [n] arrays of one length, got {a.shape} and {b.shape}")
+    if len(a) < 2:
+        return math.nan
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else math.nan
+
+
+def center_within(values: Sequence[float] | np.ndarray, groups: Sequence[Any]) -> np.ndarray:
+    """``values [n]`` minus the mean of their group (``groups [n]`` labels): what is left once each group's level
+    is removed. Correlating two such residuals asks whether x predicts y *within* a group (e.g. one system prompt),
+    not merely which group a row came from."""
+    frame = pd.DataFrame({"v": np.asarray(values, dtype=float), "g": list(groups)})
+    return (frame["v"] - frame.groupby("g")["v"].transform("mean")).to_numpy()
+
+
+def fisher_interval(r: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Fisher-z interval of a Pearson ``r`` from ``n`` independent pairs: ``tanh(atanh(r) ± z / sqrt(n − 3))``."""
+    if n < 4:
+        raise ValueError(f"fisher_interval needs n >= 4, got {n}")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    centre = math.atanh(max(min(r, 1 - 1e-12), -1 + 1e-12))
+    half = z / math.sqrt(n - 3)
+    return math.tanh(centre - half), math.tanh(centre + half)
+
+
+def correlation_estimate(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    *,
+    clusters: Sequence[Any] | None = None,
+    within: Sequence[Any] | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Pearson ``r`` of ``x`` and ``y`` (``[n]`` each) with a percentile bootstrap that resamples whole
+    ``clusters`` (e.g. the question: rows of one question under several system prompts are not independent;
+    ``None``: every row its own cluster). ``within``: group labels; x and y are first centred per group
+    (``center_within``, once, on all rows), so r measures prediction inside groups.
+
+    When r is undefined (x or y constant, as when no response shows the trait) the estimate is 0 in [−1, 1] and its
+    ``detail`` says so: a claim on it is then inconclusive, not silently passed or failed.
+    """
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if within is not None:
+        a, b = center_within(a, within), center_within(b, within)
+    labels = list(range(len(a))) if clusters is None else list(clusters)
+    kind = "within-group " if within is not None else ""
+    r = pearson(a, b)
+    unit = "rows" if clusters is None else "clusters"
+    if math.isnan(r):
+        return Estimate(0.0, -1.0, 1.0, f"{kind}Pearson r undefined (no variance in one variable; {len(a)} rows)")
+    index = pd.Series(range(len(a))).groupby(pd.Series(labels)).apply(list).tolist()
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        picked = rng.integers(0, len(index), len(index))
+        rows = np.concatenate([index[i] for i in picked])
+        value = pearson(a[rows], b[rows])
+        if not math.isnan(value):
+            draws.append(value)
+    if len(index) < 2 or not draws:
+        return Estimate(r, -1.0, 1.0, f"{kind}Pearson r of {len(a)} rows; too few {unit} for an interval")
+    tail = (1 - confidence) / 2 * 100
+    low, high = (float(v) for v in np.percentile(draws, [tail, 100 - tail]))
+    return Estimate(
+        r,
+        min(low, r),
+        max(high, r),
+        f"{kind}Pearson r of {len(a)} rows, bootstrap over {len(index)} {unit} {confidence:.0%}",
+    )
 
 
 def minilm_path() -> Path:

@@ -7,11 +7,16 @@
   ``induce`` = mean metric on harmless prompts with raw ``r`` added at the input of block ``l``
   (``activation_addition``), ``kl`` = mean first-token ``KL(base ‖ ablated)`` on harmless prompts.
 * ``choose_candidate``: the lowest ``bypass`` with ``induce > induce_min``, ``kl < kl_max``, ``l < max_layer_frac·L``.
+* The per-seed protocol (notebook 05): ``seed_split`` → ``select_for_seed`` (training filter, directions,
+  validation scores, ``filter_choices``: Arditi's choice and its fallbacks when no candidate passes, each with
+  the filters it fails, ``SeedSelection.describe``) → test arms (``arm_interventions``, ``cached_outputs``,
+  ``score_direction``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -454,3 +459,329 @@ def evaluate_direction(
                 refusal_metric(model, tokenizer, harmless, token_ids=ids, batch_size=batch_size).mean()
             )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-seed protocol of notebook 05: split → training filter → directions → validation selection → test
+# ----------------------------------------------------------------------------------------------------------
+
+# Which of Arditi et al.'s three filters each choice applies, in the order a fallback is tried.
+FILTER_SETS: dict[str, tuple[str, ...]] = {
+    "arditi": ("induce", "kl", "layer"),  # the paper's selection
+    "kl_capped": ("kl", "layer"),  # induce dropped: the best candidate that keeps the KL cap
+    "relaxed": ("induce", "layer"),  # KL cap dropped
+    "layer_only": ("layer",),  # both dropped
+}
+
+
+def filter_masks(
+    frame: pd.DataFrame,
+    *,
+    n_layers: int,
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+) -> dict[str, pd.Series]:
+    """Boolean masks ``{"induce", "kl", "layer"}`` over the rows of a scored frame: ``induce > induce_min``,
+    ``kl < kl_max``, ``layer < max_layer_frac · n_layers`` (NaN scores fail)."""
+    return {
+        "induce": frame["induce"] > induce_min,
+        "kl": frame["kl"] < kl_max,
+        "layer": frame["layer"] < max_layer_frac * n_layers,
+    }
+
+
+def filter_choices(
+    frame: pd.DataFrame,
+    *,
+    n_layers: int,
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+) -> dict[str, int | None]:
+    """The lowest-``bypass`` row (index label) under each filter set of ``FILTER_SETS``: ``"arditi"`` (all three),
+    ``"kl_capped"`` (KL and layer), ``"relaxed"`` (induce and layer), ``"layer_only"``; ``None`` where no row
+    passes. Pure: nothing is re-scored."""
+    masks = filter_masks(frame, n_layers=n_layers, induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac)
+    out: dict[str, int | None] = {}
+    for name, used in FILTER_SETS.items():
+        ok = frame["bypass"].notna()
+        for f in used:
+            ok &= masks[f]
+        passing = frame.loc[ok, "bypass"]
+        out[name] = None if passing.empty else passing.idxmin()
+    return out
+
+
+def primary_choice(choices: dict[str, int | None]) -> str | None:
+    """The filter set whose choice a protocol evaluates as *the* chosen direction: Arditi's when a candidate passes
+    all filters, else the relaxed one (KL cap dropped), else layer only; ``None`` when even that is empty."""
+    for name in ("arditi", "relaxed", "layer_only"):
+        if choices.get(name) is not None:
+            return name
+    return None
+
+
+def failed_filters(
+    row: pd.Series | dict[str, Any],
+    *,
+    n_layers: int,
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+) -> list[str]:
+    """The filters one candidate fails, as text with its value, e.g. ``["KL < 0.1 (0.703)"]`` (empty: passes)."""
+    failed = []
+    if not row["induce"] > induce_min:
+        failed.append(f"induce > {induce_min:g} ({row['induce']:.3g})")
+    if not row["kl"] < kl_max:
+        failed.append(f"KL < {kl_max:g} ({row['kl']:.3g})")
+    if not row["layer"] < max_layer_frac * n_layers:
+        failed.append(f"layer < {max_layer_frac * n_layers:g} ({int(row['layer'])})")
+    return failed
+
+
+def seed_split(n: int, *, n_test: int, n_val: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Disjoint ``(train, val, test)`` index lists over ``range(n)``: a seeded shuffle, the first ``n_test`` for
+    test, the next ``n_val`` for validation, the rest for training."""
+    if n_test + n_val >= n:
+        raise ValueError(f"seed_split: {n_test} test + {n_val} validation leave no training item out of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
+
+
+@dataclass
+class SeedSelection:
+    """One seed of the protocol: its splits, its training filter, its directions, its scored candidates.
+
+    ``splits[side] = (train, val, test)`` index lists into that side's prompt set (``side``: ``"harmful"`` /
+    ``"harmless"``); ``kept[side]``: the training indices the filter kept; ``frame``: every candidate scored on the
+    validation prompts (``passes`` = all three filters, ``chosen`` = the primary choice); ``choices``: the row
+    under each filter set (``filter_choices``).
+    """
+
+    seed: int
+    splits: dict[str, tuple[list[int], list[int], list[int]]]
+    kept: dict[str, list[int]]
+    directions: dict[int, Directions]
+    frame: pd.DataFrame
+    choices: dict[str, int | None]
+    filters: dict[str, Any]
+    baseline: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str | None:
+        """The filter set of the evaluated choice (``primary_choice``)."""
+        return primary_choice(self.choices)
+
+    def row(self, name: str) -> pd.Series | None:
+        """The scored row chosen under filter set ``name`` (``None`` when nothing passes it)."""
+        index = self.choices.get(name)
+        return None if index is None else self.frame.loc[index]
+
+    def vector(self, name: str) -> torch.Tensor:
+        """The raw direction ``[d]`` chosen under filter set ``name``."""
+        row = self.row(name)
+        if row is None:
+            raise KeyError(f"seed {self.seed}: no candidate passes filter set {name!r}")
+        return self.directions[int(row["position"])].vectors[int(row["layer"])].clone()
+
+    def arms(self) -> dict[str, str]:
+        """Edited arms to evaluate on test, ``{arm: filter set}``: ``"chosen"`` (the primary choice) and, when no
+        candidate passes all three filters, ``"KL-capped"`` (the best candidate under the KL cap) if there is one."""
+        out: dict[str, str] = {}
+        primary = self.primary
+        if primary is not None:
+            out["chosen"] = primary
+        capped = self.choices.get("kl_capped")
+        if primary != "arditi" and capped is not None and (primary is None or capped != self.choices[primary]):
+            out["KL-capped"] = "kl_capped"
+        return out
+
+    def describe(self) -> str:
+        """What the selection found, as computed text (markdown): how many candidates pass each filter, the choice
+        under each filter set and which filters it fails."""
+        f = self.filters
+        kw = {k: f[k] for k in ("n_layers", "induce_min", "kl_max", "max_layer_frac")}
+        masks = filter_masks(self.frame, **kw)
+        n = len(self.frame)
+        counts = ", ".join(
+            f"{int(m.sum())}/{n} pass {label}"
+            for m, label in (
+                (masks["induce"], f"induce > {f['induce_min']:g}"),
+                (masks["kl"], f"KL < {f['kl_max']:g}"),
+                (masks["layer"], f"layer < {f['max_layer_frac'] * f['n_layers']:g}"),
+            )
+        )
+        all_three = int((masks["induce"] & masks["kl"] & masks["layer"]).sum())
+        train = {s: f"{len(self.kept[s])}/{len(self.splits[s][0])}" for s in self.kept}
+        lines = [
+            f"**seed {self.seed}** (training filter kept {train['harmful']} harmful, {train['harmless']} harmless; "
+            f"{len(self.splits['harmful'][1])} + {len(self.splits['harmless'][1])} validation prompts): {counts}; "
+            f"**{all_three}/{n} pass all three** (Arditi et al.'s filters)."
+        ]
+        labels = {
+            "arditi": "Arditi's choice (all three filters)",
+            "kl_capped": "best under the KL cap (induce filter dropped)",
+            "relaxed": "relaxed choice (KL cap dropped)",
+            "layer_only": "layer filter only",
+        }
+        evaluated = {arm: self.choices[fset] for arm, fset in self.arms().items()}
+        for name, label in labels.items():
+            row = self.row(name)
+            if row is None:
+                lines.append(f"  - {label}: none.")
+                continue
+            failed = failed_filters(row, **kw)
+            arms = [arm for arm, index in evaluated.items() if index == self.choices[name]]
+            tag = f" → evaluated on test as **{' = '.join(arms)}**" if arms else ""
+            lines.append(
+                f"  - {label}: position {int(row['position'])}, layer {int(row['layer'])} (bypass "
+                f"{row['bypass']:.3g}, induce {row['induce']:.3g}, KL {row['kl']:.3g})"
+                + (f"; fails {', '.join(failed)}" if failed else "; passes all three")
+                + tag
+                + "."
+            )
+        return "\n".join(lines)
+
+
+def select_for_seed(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    residuals: dict[str, torch.Tensor],
+    metrics: dict[str, torch.Tensor],
+    prompts: dict[str, PromptSet],
+    *,
+    seed: int,
+    n_test: int,
+    n_val: int,
+    positions: Sequence[int],
+    layers: Sequence[int],
+    induce_min: float = 0.0,
+    kl_max: float = 0.1,
+    max_layer_frac: float = 0.8,
+    min_keep: int = 32,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> SeedSelection:
+    """Arditi et al.'s selection for one seed, on that seed's own splits.
+
+    ``residuals[side]``: ``[n_side, len(positions), R, d]`` residuals of every prompt of ``prompts[side]`` at
+    ``positions`` and residual indices ``0..R-1`` (``R > max(layers)``), captured once for all seeds;
+    ``metrics[side]``: ``[n_side]`` the unedited model's cheap refusal metric of every prompt (``refusal_metric``).
+    Steps: ``seed_split`` each side → Arditi's training filter on the training prompts (``filter_training_prompts``)
+    → mean-difference directions per position from the kept training prompts → ``score_candidates`` on the
+    validation prompts → ``filter_choices``. The test prompts are not touched.
+    """
+    sides = ("harmful", "harmless")
+    splits = {s: seed_split(len(prompts[s]), n_test=n_test, n_val=n_val, seed=seed) for s in sides}
+    train = {s: torch.as_tensor(splits[s][0]) for s in sides}
+    keep_bad, keep_good = filter_training_prompts(
+        metrics["harmful"][train["harmful"]], metrics["harmless"][train["harmless"]], min_keep=min_keep
+    )
+    rows_bad, rows_good = train["harmful"][keep_bad], train["harmless"][keep_good]
+    directions = {}
+    for i, pos in enumerate(positions):
+        dirs = mean_difference(residuals["harmful"][rows_bad, i], residuals["harmless"][rows_good, i])
+        dirs.meta["position"] = pos
+        directions[pos] = dirs
+    val = {s: [prompts[s][j] for j in splits[s][1]] for s in sides}
+    frame, baseline = score_candidates(
+        model,
+        tokenizer,
+        directions,
+        val["harmful"],
+        val["harmless"],
+        layers=layers,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    n_layers = len(find_layers(model))
+    kw: dict[str, Any] = {
+        "n_layers": n_layers,
+        "induce_min": induce_min,
+        "kl_max": kl_max,
+        "max_layer_frac": max_layer_frac,
+    }
+    choices = filter_choices(frame, **kw)
+    masks = filter_masks(frame, **kw)
+    frame["passes"] = masks["induce"] & masks["kl"] & masks["layer"]
+    primary = primary_choice(choices)
+    frame["chosen"] = frame.index == choices[primary] if primary is not None else False
+    frame.insert(0, "seed", seed)
+    return SeedSelection(
+        seed=seed,
+        splits=splits,
+        kept={"harmful": rows_bad.tolist(), "harmless": rows_good.tolist()},
+        directions=directions,
+        frame=frame,
+        choices=choices,
+        filters=kw,
+        baseline=baseline,
+    )
+
+
+def arm_interventions(
+    model: nn.Module, vector: torch.Tensor | None, layer: int
+) -> tuple[Callable[[], AbstractContextManager] | None, Callable[[], AbstractContextManager] | None]:
+    """``(ablate, add)`` factories for one direction ``[d]``: hooks projecting ``r̂`` out everywhere, and ``r``
+    added at the input of block ``layer`` (Arditi's ActAdd, α = 1). ``vector=None``: the unedited model."""
+    if vector is None:
+        return None, None
+    return (lambda: ablation_hooks(model, vector)), (lambda: activation_addition(model, vector, resid=layer, alpha=1.0))
+
+
+def cached_outputs(
+    cache: dict[str, pd.DataFrame],
+    key: str,
+    produce: Callable[[list[str]], pd.DataFrame],
+    prompts: Sequence[str],
+) -> pd.DataFrame:
+    """Rows for ``prompts`` under arm ``key``, producing (``produce(missing) → frame with a "prompt" column``) only
+    the prompts not yet in ``cache[key]`` (greedy decoding is deterministic, so e.g. the unedited model's answer to
+    a prompt in several seeds' test splits is generated once). Rows come back in the order of ``prompts``."""
+    have = cache.get(key)
+    seen = set() if have is None else set(have["prompt"])
+    missing = list(dict.fromkeys(p for p in prompts if p not in seen))
+    if missing:
+        new = produce(missing)
+        cache[key] = new if have is None else pd.concat([have, new], ignore_index=True)
+    return cache[key].set_index("prompt").loc[list(prompts)].reset_index()
+
+
+@torch.no_grad()
+def score_direction(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    vector: torch.Tensor,
+    layer: int,
+    harmful: Sequence[str] | PromptSet,
+    harmless: Sequence[str] | PromptSet,
+    *,
+    base_harmless: torch.Tensor | None = None,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """The cheap scores of one direction (no generation): ``bypass``, ``induce``, ``kl`` as in ``score_candidates``.
+
+    ``vector``: a raw direction ``[d]`` or an orthonormal basis ``[k, d]`` (ablated as a subspace; ``induce`` is
+    NaN: a basis has no single vector to add). ``base_harmless``: the unedited first-token log-probs of
+    ``harmless`` ``[n, vocab]`` when already computed.
+    """
+    ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
+    logprobs = partial(first_token_logprobs, model, tokenizer, batch_size=batch_size, progress=False)
+    if base_harmless is None:
+        base_harmless = logprobs(harmless)
+    with ablation_hooks(model, vector):
+        lp_harmful = logprobs(harmful)
+        lp_harmless = logprobs(harmless)
+    induce = float("nan")
+    if vector.ndim == 1:
+        with activation_addition(model, vector, resid=layer, alpha=1.0):
+            induce = float(refusal_log_odds(logprobs(harmless), ids).mean())
+    return {
+        "bypass": float(refusal_log_odds(lp_harmful, ids).mean()),
+        "induce": induce,
+        "kl": float(kl_from_logprobs(base_harmless, lp_harmless).mean()),
+    }
