@@ -126,6 +126,11 @@ def candidate_directions(
     positions = list(positions) if positions is not None else post_instruction_positions(tokenizer)
     bad = capture_residuals(model, tokenizer, harmful, positions=positions, batch_size=batch_size, progress=progress)
     good = capture_residuals(model, tokenizer, harmless, positions=positions, batch_size=batch_size, progress=progress)
+    return directions_per_position(bad, good, positions)
+
+
+def directions_per_position(bad: torch.Tensor, good: torch.Tensor, positions: Sequence[int]) -> dict[int, Directions]:
+    """``{position: mean-difference Directions}`` from residuals ``[n, len(positions), L+1, d]`` of each class."""
     out = {}
     for i, pos in enumerate(positions):
         dirs = mean_difference(bad[:, i], good[:, i])
@@ -138,9 +143,9 @@ def choose_candidate(
     frame: pd.DataFrame,
     *,
     n_layers: int,
-    induce_min: float = 0.0,
-    kl_max: float = 0.1,
-    max_layer_frac: float = 0.8,
+    induce_min: float | None = 0.0,
+    kl_max: float | None = 0.1,
+    max_layer_frac: float | None = 0.8,
 ) -> int | None:
     """Index (label) of the row with the lowest ``bypass`` among rows with ``induce > induce_min``, ``kl < kl_max``
     and ``layer < max_layer_frac · n_layers``; ``None`` when no candidate passes. Pass ``None`` to drop a filter.
@@ -502,15 +507,16 @@ def filter_choices(
     """The lowest-``bypass`` row (index label) under each filter set of ``FILTER_SETS``: ``"arditi"`` (all three),
     ``"kl_capped"`` (KL and layer), ``"relaxed"`` (induce and layer), ``"layer_only"``; ``None`` where no row
     passes. Pure: nothing is re-scored."""
-    masks = filter_masks(frame, n_layers=n_layers, induce_min=induce_min, kl_max=kl_max, max_layer_frac=max_layer_frac)
-    out: dict[str, int | None] = {}
-    for name, used in FILTER_SETS.items():
-        ok = frame["bypass"].notna()
-        for f in used:
-            ok &= masks[f]
-        passing = frame.loc[ok, "bypass"]
-        out[name] = None if passing.empty else passing.idxmin()
-    return out
+    return {
+        name: choose_candidate(
+            frame,
+            n_layers=n_layers,
+            induce_min=induce_min if "induce" in used else None,
+            kl_max=kl_max if "kl" in used else None,
+            max_layer_frac=max_layer_frac if "layer" in used else None,
+        )
+        for name, used in FILTER_SETS.items()
+    }
 
 
 def primary_choice(choices: dict[str, int | None]) -> str | None:
@@ -681,11 +687,7 @@ def select_for_seed(
         metrics["harmful"][train["harmful"]], metrics["harmless"][train["harmless"]], min_keep=min_keep
     )
     rows_bad, rows_good = train["harmful"][keep_bad], train["harmless"][keep_good]
-    directions = {}
-    for i, pos in enumerate(positions):
-        dirs = mean_difference(residuals["harmful"][rows_bad, i], residuals["harmless"][rows_good, i])
-        dirs.meta["position"] = pos
-        directions[pos] = dirs
+    directions = directions_per_position(residuals["harmful"][rows_bad], residuals["harmless"][rows_good], positions)
     val = {s: [prompts[s][j] for j in splits[s][1]] for s in sides}
     frame, baseline = score_candidates(
         model,
