@@ -65,3 +65,31 @@ def test_prefill_early_stop_keeps_the_decisions(tiny_llama):
     assert early.refusal_rate.tolist() == full.refusal_rate.tolist() and full.refusal_rate.iloc[0] > 0
     for k in (0, 1):
         assert all(f.startswith(e) for f, e in zip(full.attrs["responses"][k], early.attrs["responses"][k]))
+
+
+def test_response_nll_batches_of_short_sequences_next_to_a_long_response(tiny_llama):
+    """A batch whose prompt + response is shorter than the call's longest response + 1 (here: a 2-token answer in a
+    batch of its own, next to a 60-token one) must score its own tokens: each item equals its NLL computed alone,
+    and by hand from one plain forward."""
+    from hereticlab.measure.depth import per_position_kl, response_nll
+
+    model, tok = tiny_llama
+    prompts = ["Hi.", "Tell me a long story about a lighthouse keeper."]
+    long = tok.decode(torch.randint(5, model.config.vocab_size, (60,), generator=torch.Generator().manual_seed(0)))
+    responses = [tok.decode(tok.encode("ok then", add_special_tokens=False)), long]
+    together = response_nll(model, tok, prompts, responses, max_tokens=64, batch_size=1)
+    alone = torch.cat([response_nll(model, tok, [p], [r], max_tokens=64) for p, r in zip(prompts, responses)])
+    assert torch.allclose(together, alone, atol=1e-5)
+    text = hl.format_chat(tok, prompts[:1])[0]
+    prompt_ids = tok.encode(text, add_special_tokens=False)
+    answer_ids = tok.encode(responses[0], add_special_tokens=False)
+    ids = torch.tensor([prompt_ids + answer_ids])
+    assert ids.shape[1] < len(tok.encode(long, add_special_tokens=False)) + 1  # the case that used to fail
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    start = len(prompt_ids)
+    by_hand = -lp[start - 1 : -1].gather(-1, ids[0, start:, None]).mean()
+    assert float(together[0]) == pytest.approx(float(by_hand), rel=1e-4)
+    r = torch.ones(model.config.hidden_size)
+    kl = per_position_kl(model, tok, prompts, responses, lambda: hl.ablation_hooks(model, r), batch_size=1)
+    assert kl["n"].iloc[0] == 2 and kl["n"].iloc[len(answer_ids)] == 1

@@ -66,9 +66,15 @@ def _prepare(
 def _batch_logprobs(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]], K: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``logprobs [b, K, vocab]`` at the teacher-forced response positions, ``valid [b, K]``, ``targets [b, K]``."""
+    """``logprobs [b, K, vocab]`` at the teacher-forced response positions, ``valid [b, K]``, ``targets [b, K]``.
+
+    ``K``: the width of the output (the longest response of the whole call, so that batches concatenate); the
+    forward keeps logits at this batch's own longest response + 1 positions only, which a batch of short
+    sequences always has (asking for ``K + 1`` there could exceed the batch's length and come back shorter).
+    """
     batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
-    logits = compat.forward(model, batch, last=K + 1)[0].float()  # the last K+1 positions
+    here = max(1, max(len(r) for r in rids))
+    logits = compat.forward(model, batch, last=here + 1)[0].float()  # the last here+1 positions
     lp = torch.log_softmax(logits, dim=-1).cpu()
     out = torch.zeros(len(texts), K, lp.shape[-1])
     valid = torch.zeros(len(texts), K, dtype=torch.bool)
@@ -78,8 +84,8 @@ def _batch_logprobs(
         if k == 0:
             continue
         # The sequence ends with the response (left padding): response token j sits at index T−k+j and is predicted
-        # by the logits at T−k+j−1, which is K−k+j inside the kept window of K+1 positions.
-        out[i, :k] = lp[i, K - k : K]
+        # by the logits at T−k+j−1, which is here−k+j inside the kept window of here+1 positions.
+        out[i, :k] = lp[i, here - k : here]
         valid[i, :k] = True
         targets[i, :k] = torch.tensor(r)
     return out, valid, targets
