@@ -63,8 +63,9 @@ def test_training_filter_keeps_refused_harmful_and_answered_harmless():
     keep_bad, keep_good = filter_training_prompts(bad, good, min_keep=2)
     assert keep_bad.tolist() == [True, False, True, False, True]
     assert keep_good.tolist() == [True, False, True, False]
-    # Too few survivors on a side: that side is kept whole instead of averaging over one or two prompts.
-    keep_bad, keep_good = filter_training_prompts(bad, good, threshold=1.8, min_keep=2)
+    # Too few survivors on a side: that side is kept whole instead of averaging over one or two prompts, and said.
+    with pytest.warns(UserWarning, match=r"only 1 of 5 harmful training prompts pass \(fewer than min_keep=2\)"):
+        keep_bad, keep_good = filter_training_prompts(bad, good, threshold=1.8, min_keep=2)
     assert keep_bad.all() and keep_good.tolist() == [True, True, True, True]
 
 
@@ -333,6 +334,12 @@ def test_seed_selection_arms_and_computed_text():
     assert "**chosen**" in same.describe()
     with pytest.raises(KeyError, match="arditi"):
         same.vector("arditi")
+    # A side the training filter kept whole says so, with the count that passed.
+    whole = synthetic_seed(frame)
+    whole.kept["harmful"] = list(range(20))
+    whole.filters.update(min_keep=8, train_passed={"harmful": 3, "harmless": 20})
+    expected = "kept 20/20 (**kept whole**: only 3 passed, fewer than min_keep=8) harmful, 20/20 harmless"
+    assert expected in whole.describe()
 
 
 def test_cached_outputs_generates_each_prompt_once():
@@ -380,6 +387,8 @@ def test_select_for_seed_and_score_direction_on_tiny_model(tiny_llama):
     train, val, test = run.splits["harmful"]
     assert not set(train) & set(val) and not set(val) & set(test) and len(test) == 3
     assert set(run.kept["harmful"]) <= set(train) and len(run.kept["harmful"]) >= 2
+    passed = run.filters["train_passed"]
+    assert ("kept whole" in run.describe()) == (min(passed.values()) < 2)
     assert len(run.frame) == 4 and run.frame["seed"].eq(1).all() and run.frame["chosen"].sum() <= 1
     # The directions are the mean difference of the kept training prompts.
     expected = hl.mean_difference(

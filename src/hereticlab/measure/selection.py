@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -79,6 +80,14 @@ def refusal_metric(
     return refusal_log_odds(logprobs, ids)
 
 
+def training_filter_passes(
+    metric_bad: torch.Tensor, metric_good: torch.Tensor, *, threshold: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Which training prompts pass Arditi et al.'s filter, before any fallback: ``{"harmful": [n_bad],
+    "harmless": [n_good]}`` boolean masks (harmful refused: ``metric > threshold``; harmless answered: ``<``)."""
+    return {"harmful": metric_bad > threshold, "harmless": metric_good < threshold}
+
+
 def filter_training_prompts(
     metric_bad: torch.Tensor, metric_good: torch.Tensor, *, threshold: float = 0.0, min_keep: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +95,20 @@ def filter_training_prompts(
     harmless prompts it answers (``metric < threshold``), judged by the cheap metric of the unedited model.
 
     Returns boolean masks ``([n_bad], [n_good])``. A side with fewer than ``min_keep`` survivors is kept whole
-    (a weak refuser would otherwise leave too few prompts for a stable mean); check ``mask.all()`` to see it.
+    (a weak refuser would otherwise leave too few prompts for a stable mean), with a warning naming the counts;
+    ``SeedSelection.describe`` says it too.
     """
-    keep_bad, keep_good = metric_bad > threshold, metric_good < threshold
-    if int(keep_bad.sum()) < min_keep:
-        keep_bad = torch.ones_like(keep_bad)
-    if int(keep_good.sum()) < min_keep:
-        keep_good = torch.ones_like(keep_good)
-    return keep_bad, keep_good
+    masks = training_filter_passes(metric_bad, metric_good, threshold=threshold)
+    for side, mask in masks.items():
+        passed = int(mask.sum())
+        if passed < min_keep:
+            warnings.warn(
+                f"training filter: only {passed} of {len(mask)} {side} training prompts pass (fewer than "
+                f"min_keep={min_keep}), so that side is kept whole, unfiltered; lower min_keep to filter anyway",
+                stacklevel=2,
+            )
+            masks[side] = torch.ones_like(mask)
+    return masks["harmful"], masks["harmless"]
 
 
 def post_instruction_positions(tokenizer: PreTrainedTokenizerBase, n: int | None = None) -> list[int]:
@@ -621,7 +636,16 @@ class SeedSelection:
             )
         )
         all_three = int((masks["induce"] & masks["kl"] & masks["layer"]).sum())
-        train = {s: f"{len(self.kept[s])}/{len(self.splits[s][0])}" for s in self.kept}
+        passed = f.get("train_passed", {})
+        train = {
+            s: f"{len(self.kept[s])}/{len(self.splits[s][0])}"
+            + (
+                f" (**kept whole**: only {passed[s]} passed, fewer than min_keep={f['min_keep']})"
+                if s in passed and passed[s] < len(self.kept[s])
+                else ""
+            )
+            for s in self.kept
+        }
         lines = [
             f"**seed {self.seed}** (training filter kept {train['harmful']} harmful, {train['harmless']} harmless; "
             f"{len(self.splits['harmful'][1])} + {len(self.splits['harmless'][1])} validation prompts): {counts}; "
@@ -683,9 +707,10 @@ def select_for_seed(
     sides = ("harmful", "harmless")
     splits = {s: seed_split(len(prompts[s]), n_test=n_test, n_val=n_val, seed=seed) for s in sides}
     train = {s: torch.as_tensor(splits[s][0]) for s in sides}
-    keep_bad, keep_good = filter_training_prompts(
-        metrics["harmful"][train["harmful"]], metrics["harmless"][train["harmless"]], min_keep=min_keep
-    )
+    train_metric = {s: metrics[s][train[s]] for s in sides}
+    passes = training_filter_passes(train_metric["harmful"], train_metric["harmless"])
+    passed = {side: int(mask.sum()) for side, mask in passes.items()}
+    keep_bad, keep_good = filter_training_prompts(train_metric["harmful"], train_metric["harmless"], min_keep=min_keep)
     rows_bad, rows_good = train["harmful"][keep_bad], train["harmless"][keep_good]
     directions = directions_per_position(residuals["harmful"][rows_bad], residuals["harmless"][rows_good], positions)
     val = {s: [prompts[s][j] for j in splits[s][1]] for s in sides}
@@ -719,7 +744,7 @@ def select_for_seed(
         directions=directions,
         frame=frame,
         choices=choices,
-        filters=kw,
+        filters={**kw, "min_keep": min_keep, "train_passed": passed},
         baseline=baseline,
     )
 
