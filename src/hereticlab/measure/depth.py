@@ -63,32 +63,54 @@ def _prepare(
     return prompt_texts, resp_ids, max(1, max(len(r) for r in resp_ids))
 
 
+def _response_logits(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]]
+) -> list[torch.Tensor]:
+    """Per row, the teacher-forced logits that predict its response tokens: ``[k_i, vocab]`` (``k_i = len(rids[i])``).
+
+    The forward keeps logits at this batch's own longest response + 1 positions only, which a batch of short
+    sequences always has. The sequence ends with the response (left padding): response token j sits at index
+    T−k+j and is predicted by the logits at T−k+j−1, which is here−k+j inside the kept window of here+1 positions.
+    """
+    batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
+    here = max(1, max(len(r) for r in rids))
+    logits = compat.forward(model, batch, last=here + 1)[0]  # the last here+1 positions
+    return [logits[i, here - len(r) : here] for i, r in enumerate(rids)]
+
+
 def _batch_logprobs(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]], K: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logprobs [b, K, vocab]`` at the teacher-forced response positions, ``valid [b, K]``, ``targets [b, K]``.
 
-    ``K``: the width of the output (the longest response of the whole call, so that batches concatenate); the
-    forward keeps logits at this batch's own longest response + 1 positions only, which a batch of short
-    sequences always has (asking for ``K + 1`` there could exceed the batch's length and come back shorter).
+    ``K``: the width of the output (the longest response of the whole call, so that batches concatenate).
     """
-    batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
-    here = max(1, max(len(r) for r in rids))
-    logits = compat.forward(model, batch, last=here + 1)[0].float()  # the last here+1 positions
-    lp = torch.log_softmax(logits, dim=-1).cpu()
-    out = torch.zeros(len(texts), K, lp.shape[-1])
+    rows = _response_logits(model, tokenizer, texts, rids)
+    out = torch.zeros(len(texts), K, rows[0].shape[-1])
     valid = torch.zeros(len(texts), K, dtype=torch.bool)
     targets = torch.zeros(len(texts), K, dtype=torch.long)
-    for i, r in enumerate(rids):
+    for i, (r, logits) in enumerate(zip(rids, rows)):
         k = len(r)
         if k == 0:
             continue
-        # The sequence ends with the response (left padding): response token j sits at index T−k+j and is predicted
-        # by the logits at T−k+j−1, which is here−k+j inside the kept window of here+1 positions.
-        out[i, :k] = lp[i, here - k : here]
+        out[i, :k] = torch.log_softmax(logits.float(), dim=-1).cpu()
         valid[i, :k] = True
         targets[i, :k] = torch.tensor(r)
     return out, valid, targets
+
+
+def _batch_nll(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]]
+) -> torch.Tensor:
+    """Mean NLL per response token ``[b]`` (0 for an empty response), without materializing the log-probs of the
+    whole vocabulary: ``logsumexp(logits) − logits[target]`` per position."""
+    out = torch.zeros(len(texts))
+    for i, (r, logits) in enumerate(zip(rids, _response_logits(model, tokenizer, texts, rids))):
+        if r:
+            logits = logits.float()
+            target = torch.tensor(r, device=logits.device)[:, None]
+            out[i] = (torch.logsumexp(logits, dim=-1) - logits.gather(-1, target)[:, 0]).mean().cpu()
+    return out
 
 
 @torch.no_grad()
@@ -178,14 +200,12 @@ def response_nll(
     ``response_nll(..., edit).mean() − response_nll(...).mean()`` is the CE cost of an edit on fixed responses
     (e.g. the unedited model's own answers to harmless prompts).
     """
-    texts, rids, K = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
+    texts, rids, _ = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
     size = batch_size or auto_batch_size(model)
     out = []
     with _context(intervention):
         for s in range(0, len(texts), size):
-            lp, valid, targets = _batch_logprobs(model, tokenizer, texts[s : s + size], rids[s : s + size], K)
-            nll = -lp.gather(-1, targets[..., None])[..., 0] * valid
-            out.append(nll.sum(1) / valid.sum(1).clamp_min(1))
+            out.append(_batch_nll(model, tokenizer, texts[s : s + size], rids[s : s + size]))
     return torch.cat(out)
 
 

@@ -1,0 +1,80 @@
+"""Where one notebook-style generation batch spends its time: the prompt prefill, the decode steps, and the
+coherence pass (the unedited model's teacher-forced NLL of the outputs), with the chat prefix all prompts share.
+
+It sizes the options for making the reproduction notebooks faster (sharing the chat prefix across a batch, fewer
+arms): the prefill and the coherence pass both re-run the shared prefix once per row. Rounds repeat the whole
+measurement after a warm-up; the median is printed.
+
+    python bench/generation_cost.py [--model default] [--prompts 64] [--tokens 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import hereticlab as hl
+from hereticlab.core import compat
+from hereticlab.core.capture import encode
+from hereticlab.measure.coherence import coherence_nll
+from hereticlab.search.evaluator import common_prefix_length
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    model, tok = hl.load_model(args.model)
+    prompts = list(hl.load_prompts("harmful"))[: args.prompts]
+    texts = hl.format_chat(tok, prompts)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batch = encode(tok, texts, model.device)
+    shared = common_prefix_length(ids)
+    print(
+        f"{len(prompts)} prompts, padded to {batch['input_ids'].shape[1]} tokens; "
+        f"{shared} of them the chat prefix every prompt shares"
+    )
+
+    def prefill():
+        with torch.no_grad():
+            compat.forward(model, batch, use_cache=True)
+
+    def generation():
+        return hl.generate(model, tok, prompts, max_new_tokens=args.tokens, batch_size=len(prompts), progress=False)
+
+    prefill()  # warm-up
+    rows = []
+    for _ in range(args.rounds):
+        _, t_prefill = timed(prefill)
+        outputs, t_generate = timed(generation)
+        _, t_nll = timed(lambda outputs=outputs: coherence_nll(model, tok, prompts, outputs, max_tokens=args.tokens))
+        rows.append((t_prefill, t_generate, t_nll))
+    t_prefill, t_generate, t_nll = (statistics.median(column) for column in zip(*rows))
+    new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    total = t_generate + t_nll
+    print(f"prefill alone {t_prefill:.1f} s (inside the generation)")
+    print(f"generation {t_generate:.1f} s for {new_tokens} new tokens ({new_tokens / t_generate:.0f} tokens/s)")
+    decode = t_generate - t_prefill
+    print(f"  of which decode steps {decode:.1f} s")
+    print(f"coherence pass {t_nll:.1f} s")
+    print(
+        f"per output arm: {total:.1f} s; prefill {t_prefill / total:.0%}, decode {decode / total:.0%}, "
+        f"coherence {t_nll / total:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
