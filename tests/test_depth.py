@@ -93,3 +93,66 @@ def test_response_nll_batches_of_short_sequences_next_to_a_long_response(tiny_ll
     r = torch.ones(model.config.hidden_size)
     kl = per_position_kl(model, tok, prompts, responses, lambda: hl.ablation_hooks(model, r), batch_size=1)
     assert kl["n"].iloc[0] == 2 and kl["n"].iloc[len(answer_ids)] == 1
+
+
+PC_PROMPTS = ["Tell me a joke.", "How do I bake bread at home without yeast, please?", "Hi", "Why is the sky blue?"]
+PC_RESPONSES = ["Why did the chicken cross the road?", "", "Hello there, friend. How are you today?", "Light."]
+
+
+def test_prompt_cache_gives_the_plain_nll_and_runs_each_prompt_once(tiny_llama):
+    from hereticlab.measure.depth import PromptCache, response_nll
+
+    model, tok = tiny_llama
+    cache = PromptCache(model, tok)
+    plain = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, batch_size=3)
+    first = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, batch_size=3, prompt_cache=cache)
+    assert torch.allclose(first, plain, atol=1e-5) and cache.computed == 4 and len(cache) == 4
+    # another arm: other responses to the same prompts, other batches; no prompt runs again
+    other = PC_RESPONSES[::-1]
+    again = response_nll(model, tok, PC_PROMPTS, other, max_tokens=12, batch_size=2, prompt_cache=cache)
+    assert torch.allclose(again, response_nll(model, tok, PC_PROMPTS, other, max_tokens=12, batch_size=2), atol=1e-5)
+    assert cache.computed == 4
+    response_nll(model, tok, ["A new prompt."], ["Yes."], prompt_cache=cache)
+    assert cache.computed == 5
+
+
+def test_prompt_cache_recomputes_after_an_in_place_edit_and_evicts_within_its_bound(tiny_llama):
+    from hereticlab.measure.depth import PromptCache, response_nll
+
+    model, tok = tiny_llama
+    cache = PromptCache(model, tok)
+    response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, prompt_cache=cache)
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with hl.ablate(model, r):  # weights edited in place: the cached prompts are stale
+        edited = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12)
+        cached = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, prompt_cache=cache)
+    assert torch.allclose(cached, edited, atol=1e-5) and cache.computed == 8
+    unedited = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12)
+    assert not torch.allclose(edited, unedited, atol=1e-3)  # the edit changed what is scored
+    small = PromptCache(model, tok, max_bytes=1)  # room for one prompt: results stay exact
+    got = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, batch_size=4, prompt_cache=small)
+    assert torch.allclose(got, unedited, atol=1e-5) and len(small) == 1
+
+
+def test_prompt_cache_refuses_an_intervention_and_falls_back_on_sliding_windows(tiny_llama):
+    from hereticlab.core.compat import CompatibilityWarning
+    from hereticlab.core.testing import tiny_model
+    from hereticlab.measure.depth import PromptCache, response_nll
+
+    model, tok = tiny_llama
+    r = torch.ones(model.config.hidden_size)
+    with pytest.raises(ValueError, match="drop the prompt_cache or the intervention"):
+        response_nll(
+            model,
+            tok,
+            PC_PROMPTS,
+            PC_RESPONSES,
+            lambda: hl.ablation_hooks(model, r),
+            prompt_cache=PromptCache(model, tok),
+        )
+    gemma, gtok = tiny_model("gemma2")  # sliding-window layers: not plain keys/values
+    cache = PromptCache(gemma, gtok)
+    with pytest.warns(CompatibilityWarning, match="reusing prompt keys/values"):
+        got = response_nll(gemma, gtok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, prompt_cache=cache)
+    assert not cache.usable
+    assert torch.allclose(got, response_nll(gemma, gtok, PC_PROMPTS, PC_RESPONSES, max_tokens=12), atol=1e-6)

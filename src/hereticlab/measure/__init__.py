@@ -20,7 +20,7 @@ from .coherence import (
     repetition_rate,
     steered_outputs,
 )
-from .depth import per_position_kl, prefill_refusal, response_nll
+from .depth import PromptCache, per_position_kl, prefill_refusal, response_nll
 from .detectors import DetectionResult, Detector, EnsembleDetector, KeywordDetector, SemanticDetector
 from .embedding import SentenceEmbedder
 from .geometry import (

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..core.generation import generate
-from .depth import response_nll
+from .depth import PromptCache, response_nll
 from .detectors import Detector, detect_with
 
 _WORDS = re.compile(r"\w+|[^\w\s]")
@@ -83,15 +83,25 @@ def coherence_nll(
     *,
     max_tokens: int = 64,
     batch_size: int | None = None,
+    prompt_cache: PromptCache | None = None,
     **chat_kwargs: Any,
 ) -> np.ndarray:
     """Mean NLL per response token ``[n]`` under the model as it is now (call it *outside* any steering context).
 
     Teacher forcing is ``depth.response_nll`` (first ``max_tokens`` tokens of each response). An empty response
-    has no token to score: NaN (not 0, which would read as perfectly fluent).
+    has no token to score: NaN (not 0, which would read as perfectly fluent). ``prompt_cache``: a
+    ``depth.PromptCache`` shared by the calls that score responses to the same prompts (each arm of an experiment),
+    so that each prompt runs through the model once.
     """
     nll = response_nll(
-        model, tokenizer, list(prompts), list(responses), max_tokens=max_tokens, batch_size=batch_size, **chat_kwargs
+        model,
+        tokenizer,
+        list(prompts),
+        list(responses),
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        prompt_cache=prompt_cache,
+        **chat_kwargs,
     )
     out = nll.double().numpy().copy()
     empty = [not tokenizer.encode(r, add_special_tokens=False) for r in responses]
@@ -109,6 +119,7 @@ def steered_outputs(
     max_new_tokens: int = 64,
     batch_size: int | None = None,
     nll_batch_size: int = 8,
+    prompt_cache: PromptCache | None = None,
     progress: bool = False,
     **chat_kwargs: Any,
 ) -> pd.DataFrame:
@@ -118,7 +129,9 @@ def steered_outputs(
     ``nll`` (the unsteered model's mean per-token NLL of the response, ``coherence_nll``), ``distinct_2`` and
     ``repetition`` (on the tokenizer's ids), ``n_tokens``. Greedy decoding, so the rows depend only on the
     intervention and the prompts. ``batch_size``: rows per generation batch (large batches decode faster on CPU);
-    ``nll_batch_size``: rows per teacher-forced batch (each holds ``max_new_tokens × vocab`` log-probs).
+    ``nll_batch_size``: rows per teacher-forced batch (each holds ``max_new_tokens × vocab`` logits).
+    ``prompt_cache``: a ``depth.PromptCache`` of this model shared by every arm, so that the coherence pass runs each
+    prompt through the unsteered model once (``coherence_nll``).
     """
     with make() if make is not None else nullcontext():
         responses = generate(
@@ -134,7 +147,14 @@ def steered_outputs(
     for name, detector in detectors.items():
         frame[name] = detect_with(detector, responses, list(prompts)).decisions
     frame["nll"] = coherence_nll(
-        model, tokenizer, prompts, responses, max_tokens=max_new_tokens, batch_size=nll_batch_size, **chat_kwargs
+        model,
+        tokenizer,
+        prompts,
+        responses,
+        max_tokens=max_new_tokens,
+        batch_size=nll_batch_size,
+        prompt_cache=prompt_cache,
+        **chat_kwargs,
     )
     ids = [tokenizer.encode(r, add_special_tokens=False) for r in responses]
     frame["distinct_2"] = [distinct_n(t, 2) for t in ids]

@@ -14,6 +14,7 @@ Interventions are given as a *factory*: a callable returning a fresh context man
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
@@ -63,15 +64,136 @@ def _prepare(
     return prompt_texts, resp_ids, max(1, max(len(r) for r in resp_ids))
 
 
+class PromptCache:
+    """Keys/values of chat-formatted prompts under the model's weights, computed once per prompt and reused by every
+    teacher-forced pass that continues the same prompt (``response_nll(..., prompt_cache=)``).
+
+    An experiment scores many arms' responses to the *same* prompts with the *unedited* model (the coherence pass of
+    ``measure.coherence``); without this each arm recomputes every prompt. Entries hold all of a prompt but its last
+    token (that token is fed again, so its logits predict the first response token). A cheap fingerprint of the
+    weights (a strided sample of every parameter) is checked on each use: after an in-place edit the entries are
+    dropped and recomputed, never reused. Hooks are not seen by it: score only outside any steering context, as
+    ``coherence_nll`` already requires. ``max_bytes`` bounds the memory; the oldest prompts go first.
+    Models whose cache is not plain per-layer keys/values (sliding windows, …) take the plain path, with one warning.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_bytes: int = 2**30) -> None:
+        self.model, self.tokenizer, self.max_bytes = model, tokenizer, max_bytes
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._bytes = 0
+        self._fingerprint: torch.Tensor | None = None
+        self.usable = True
+        self.computed = 0  # prompts run through the model (the rest were reused)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _weights_fingerprint(self) -> torch.Tensor:
+        return torch.stack(
+            [p.detach().reshape(-1)[:: max(1, p.numel() // 64)].double().sum().cpu() for p in self.model.parameters()]
+        )
+
+    def _check_weights(self) -> None:
+        now = self._weights_fingerprint()
+        if self._fingerprint is not None and not torch.equal(now, self._fingerprint):
+            self._entries.clear()
+            self._bytes = 0
+        self._fingerprint = now
+
+    def _store(self, key: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._entries[key] = kv
+        self._bytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in old)
+
+    @torch.no_grad()
+    def keys_values(self, heads: Sequence[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """Per prompt head (its ids but the last), per layer ``(keys [1, kv_heads, t, d_head], values …)``; None
+        when this model's cache cannot be reused (``usable`` turns False, with a warning)."""
+        if not self.usable:
+            return None
+        self._check_weights()
+        needed = list(dict.fromkeys(tuple(h) for h in heads if len(h)))
+        found = {key: self._entries[key] for key in needed if key in self._entries}
+        for key in found:
+            self._entries.move_to_end(key)  # least recently used goes first
+        missing = [key for key in needed if key not in found]
+        if missing:
+            batch = encode_ids(missing, pad_id(self.tokenizer), model_device(self.model))
+            _, cache = compat.forward(self.model, batch, use_cache=True)
+            n_layers = len(getattr(cache, "layers", ()))
+            if cache is None or not n_layers or compat.plain_layer_count(cache) != n_layers:
+                self.usable = False
+                compat.warn_fallback("reusing prompt keys/values", "this model's cache is not plain keys/values")
+                return None
+            kv = compat.layer_keys_values(cache)
+            width = batch["input_ids"].shape[1]
+            for row, key in enumerate(missing):
+                start = width - len(key)  # left padding
+                found[key] = [(k[row : row + 1, :, start:].clone(), v[row : row + 1, :, start:].clone()) for k, v in kv]
+                self._store(key, found[key])
+            self.computed += len(missing)
+        # A one-token prompt has nothing before its last token: an empty entry.
+        out = [found[tuple(head)] if len(head) else [] for head in heads]
+        return out
+
+
+def _cached_response_logits(
+    prompt_cache: PromptCache, texts: Sequence[str], rids: Sequence[list[int]]
+) -> list[torch.Tensor] | None:
+    """``_response_logits`` continuing cached prompts: the forward sees each prompt's last token and its response
+    (right-padded), attending to the prompt's cached keys/values (left-padded). None when the cache is unusable."""
+    model, tokenizer = prompt_cache.model, prompt_cache.tokenizer
+    prompt_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    cached = prompt_cache.keys_values([p[:-1] for p in prompt_ids])
+    if cached is None or not any(cached):
+        return None
+    past = max(len(p) - 1 for p in prompt_ids)
+    own = [[p[-1], *r[:-1]] if r else [p[-1]] for p, r in zip(prompt_ids, rids)]
+    width = max(len(o) for o in own)
+    layers = []
+    for layer, (k0, v0) in enumerate(next(c for c in cached if c)):
+        keys = k0.new_zeros(len(own), k0.shape[1], past, k0.shape[3])
+        values = v0.new_zeros(len(own), v0.shape[1], past, v0.shape[3])
+        for row, entry in enumerate(cached):
+            if entry:
+                t = entry[layer][0].shape[2]
+                keys[row, :, past - t :] = entry[layer][0][0]
+                values[row, :, past - t :] = entry[layer][1][0]
+        layers.append((keys, values))
+    ids = torch.full((len(own), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros(len(own), past + width, dtype=torch.long)
+    positions = torch.zeros(len(own), width, dtype=torch.long)
+    for row, (p, tokens) in enumerate(zip(prompt_ids, own)):
+        t = len(p) - 1
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, past - t : past + len(tokens)] = 1
+        positions[row] = t + torch.arange(width)
+    device = model_device(model)
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+    logits = compat.forward(model, inputs, cache=compat.cache_from_keys_values(layers), last=None)[0]
+    return [logits[row, : len(r)] for row, r in enumerate(rids)]
+
+
 def _response_logits(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]]
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    rids: Sequence[list[int]],
+    prompt_cache: PromptCache | None = None,
 ) -> list[torch.Tensor]:
     """Per row, the teacher-forced logits that predict its response tokens: ``[k_i, vocab]`` (``k_i = len(rids[i])``).
 
     The forward keeps logits at this batch's own longest response + 1 positions only, which a batch of short
     sequences always has. The sequence ends with the response (left padding): response token j sits at index
     T−k+j and is predicted by the logits at T−k+j−1, which is here−k+j inside the kept window of here+1 positions.
+    ``prompt_cache``: reuse the prompts' keys/values instead (``PromptCache``).
     """
+    if prompt_cache is not None:
+        reused = _cached_response_logits(prompt_cache, texts, rids)
+        if reused is not None:
+            return reused
     batch = _teacher_forced_batch(tokenizer, texts, rids, model_device(model))
     here = max(1, max(len(r) for r in rids))
     logits = compat.forward(model, batch, last=here + 1)[0]  # the last here+1 positions
@@ -100,12 +222,16 @@ def _batch_logprobs(
 
 
 def _batch_nll(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], rids: Sequence[list[int]]
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    rids: Sequence[list[int]],
+    prompt_cache: PromptCache | None = None,
 ) -> torch.Tensor:
     """Mean NLL per response token ``[b]`` (0 for an empty response), without materializing the log-probs of the
     whole vocabulary: ``logsumexp(logits) − logits[target]`` per position."""
     out = torch.zeros(len(texts))
-    for i, (r, logits) in enumerate(zip(rids, _response_logits(model, tokenizer, texts, rids))):
+    for i, (r, logits) in enumerate(zip(rids, _response_logits(model, tokenizer, texts, rids, prompt_cache))):
         if r:
             logits = logits.float()
             target = torch.tensor(r, device=logits.device)[:, None]
@@ -193,19 +319,27 @@ def response_nll(
     *,
     max_tokens: int = 32,
     batch_size: int | None = None,
+    prompt_cache: PromptCache | None = None,
     **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Mean negative log-likelihood per response token ``[n]`` (teacher-forced cross-entropy) under ``intervention``.
 
     ``response_nll(..., edit).mean() − response_nll(...).mean()`` is the CE cost of an edit on fixed responses
-    (e.g. the unedited model's own answers to harmless prompts).
+    (e.g. the unedited model's own answers to harmless prompts). ``prompt_cache``: a ``PromptCache`` of this model,
+    so that prompts scored before (e.g. by another arm of the experiment) are not run again; only without an
+    intervention, since the cache holds the prompts as the model computes them outside any intervention.
     """
+    if prompt_cache is not None and (intervention is not None or prompt_cache.model is not model):
+        raise ValueError(
+            "response_nll: prompt_cache holds this model's prompts without any intervention; "
+            "drop the prompt_cache or the intervention (and pass the cache of the same model)"
+        )
     texts, rids, _ = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
     size = batch_size or auto_batch_size(model)
     out = []
     with _context(intervention):
         for s in range(0, len(texts), size):
-            out.append(_batch_nll(model, tokenizer, texts[s : s + size], rids[s : s + size]))
+            out.append(_batch_nll(model, tokenizer, texts[s : s + size], rids[s : s + size], prompt_cache))
     return torch.cat(out)
 
 
