@@ -129,6 +129,19 @@ def test_prompt_cache_recomputes_after_an_in_place_edit_and_evicts_within_its_bo
     assert torch.allclose(cached, edited, atol=1e-5) and cache.computed == 8
     unedited = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12)
     assert not torch.allclose(edited, unedited, atol=1e-3)  # the edit changed what is scored
+    again = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, prompt_cache=cache)
+    assert torch.allclose(again, unedited, atol=1e-5) and cache.computed == 12  # the edit undone: recomputed
+    response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, prompt_cache=cache)
+    assert cache.computed == 12  # nothing changed: reused
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[5, 3] += 0.5  # one number of one parameter: still a different model
+    try:
+        response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, prompt_cache=cache)
+        assert cache.computed == 16
+    finally:
+        with torch.no_grad():
+            weight[5, 3] -= 0.5
     small = PromptCache(model, tok, max_bytes=1)  # room for one prompt: results stay exact
     got = response_nll(model, tok, PC_PROMPTS, PC_RESPONSES, max_tokens=12, batch_size=4, prompt_cache=small)
     assert torch.allclose(got, unedited, atol=1e-5) and len(small) == 1

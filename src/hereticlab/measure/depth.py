@@ -70,10 +70,10 @@ class PromptCache:
 
     An experiment scores many arms' responses to the *same* prompts with the *unedited* model (the coherence pass of
     ``measure.coherence``); without this each arm recomputes every prompt. Entries hold all of a prompt but its last
-    token (that token is fed again, so its logits predict the first response token). A cheap fingerprint of the
-    weights (a strided sample of every parameter) is checked on each use: after an in-place edit the entries are
-    dropped and recomputed, never reused. Hooks are not seen by it: score only outside any steering context, as
-    ``coherence_nll`` already requires. ``max_bytes`` bounds the memory; the oldest prompts go first.
+    token (that token is fed again, so its logits predict the first response token). A fingerprint of the weights
+    (sum and norm of every parameter) is checked by every ``response_nll`` call: after an in-place edit the entries
+    are dropped and recomputed, never reused. Hooks are not seen by it: score only outside any steering context, as
+    ``coherence_nll`` already requires. ``max_bytes`` bounds the memory; the least recently used prompts go first.
     Models whose cache is not plain per-layer keys/values (sliding windows, …) take the plain path, with one warning.
     """
 
@@ -89,11 +89,18 @@ class PromptCache:
         return len(self._entries)
 
     def _weights_fingerprint(self) -> torch.Tensor:
+        """Sum and norm of every parameter (float64): any in-place edit of the weights changes it."""
         return torch.stack(
-            [p.detach().reshape(-1)[:: max(1, p.numel() // 64)].double().sum().cpu() for p in self.model.parameters()]
-        )
+            [
+                torch.stack(
+                    [p.detach().sum(dtype=torch.float64), torch.linalg.vector_norm(p.detach(), dtype=torch.float64)]
+                )
+                for p in self.model.parameters()
+            ]
+        ).cpu()
 
-    def _check_weights(self) -> None:
+    def check_weights(self) -> None:
+        """Drop every entry when the weights changed since the last check (once per scoring call: it reads them all)."""
         now = self._weights_fingerprint()
         if self._fingerprint is not None and not torch.equal(now, self._fingerprint):
             self._entries.clear()
@@ -113,7 +120,8 @@ class PromptCache:
         when this model's cache cannot be reused (``usable`` turns False, with a warning)."""
         if not self.usable:
             return None
-        self._check_weights()
+        if self._fingerprint is None:
+            self.check_weights()
         needed = list(dict.fromkeys(tuple(h) for h in heads if len(h)))
         found = {key: self._entries[key] for key in needed if key in self._entries}
         for key in found:
@@ -336,6 +344,8 @@ def response_nll(
         )
     texts, rids, _ = _prepare(tokenizer, prompts, responses, max_tokens, chat_kwargs)
     size = batch_size or auto_batch_size(model)
+    if prompt_cache is not None:
+        prompt_cache.check_weights()
     out = []
     with _context(intervention):
         for s in range(0, len(texts), size):
