@@ -25,7 +25,7 @@ from hereticlab.core import compat
 from hereticlab.core.capture import encode
 from hereticlab.measure.coherence import coherence_nll
 from hereticlab.measure.depth import PromptCache
-from hereticlab.search.evaluator import common_prefix_length
+from hereticlab.core.capture import common_prefix_length
 
 
 def timed(fn):

@@ -150,8 +150,8 @@ def test_tune_batch_size_returns_a_candidate(model_tok):
 
 
 def test_common_prefix_and_padding_after_it():
+    from hereticlab.core.capture import common_prefix_length
     from hereticlab.core.capture import encode_ids as pad_after_prefix
-    from hereticlab.search.evaluator import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[7, 8], [9]]) == 0 and common_prefix_length([]) == 0

@@ -1,5 +1,7 @@
 """Model plumbing on tiny random models: capture, reversible edits, hooks, metrics."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import PROMPTS
@@ -165,6 +167,36 @@ def test_greedy_generation_matches_transformers_generate(tiny_llama):
     )
     texts = tok.batch_decode(ref[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert ours == texts
+
+
+def test_shared_prefix_gives_the_plain_logprobs_and_generations(tiny_llama):
+    """The chat prefix run once per batch (``share_prefix=True``) gives the plain path's log-probs and responses,
+    unedited and under hooks that act at every position; a lone prompt or a sliding-window model gets the plain
+    batch."""
+    from hereticlab.core.capture import common_prefix_length, pad_id, shared_prefix_batch
+    from hereticlab.core.generation import generate
+    from hereticlab.measure.metrics import first_token_logprobs
+
+    model, tok = tiny_llama
+    rows = tok(hl.format_chat(tok, PROMPTS), add_special_tokens=False)["input_ids"]
+    shared = common_prefix_length(rows)
+    batch, cache = shared_prefix_batch(model, rows, pad_id(tok))
+    assert shared >= 4 and cache is not None and cache.get_seq_length() == shared
+    assert batch["input_ids"].shape[1] == max(len(r) for r in rows) - shared
+    assert batch["attention_mask"].shape[1] == max(len(r) for r in rows)
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
+    for context in (contextlib.nullcontext, lambda: hl.ablation_hooks(model, r)):
+        with context():
+            plain = first_token_logprobs(model, tok, PROMPTS, batch_size=5, progress=False)
+            fast = first_token_logprobs(model, tok, PROMPTS, batch_size=5, progress=False, share_prefix=True)
+            assert torch.allclose(plain, fast, atol=1e-5)
+            kw = {"max_new_tokens": 8, "batch_size": 5, "progress": False}
+            assert generate(model, tok, PROMPTS, share_prefix=True, **kw) == generate(model, tok, PROMPTS, **kw)
+    assert shared_prefix_batch(model, rows[:1], pad_id(tok))[1] is None  # one row: nothing to share
+    gemma, gtok = tiny_model("gemma2")  # sliding-window layers: the plain batch
+    grows = gtok(hl.format_chat(gtok, PROMPTS), add_special_tokens=False)["input_ids"]
+    gbatch, gcache = shared_prefix_batch(gemma, grows, pad_id(gtok))
+    assert gcache is None and gbatch["input_ids"].shape[1] == max(len(x) for x in grows)
 
 
 @pytest.mark.parametrize(

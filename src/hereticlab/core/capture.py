@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
 
+from . import compat
 from .architecture import find_layers
 from .hooks import Site, resolve_site, trace
 from .prompts import PromptSet, format_chat
@@ -79,6 +81,58 @@ def encode(
     """Tokenize already-formatted texts (no special tokens added) into a left-padded batch (``encode_ids``)."""
     rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return encode_ids(rows, pad_id(tokenizer), device)
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+@torch.no_grad()
+def prefix_keys_values(model: nn.Module, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer ``(keys [1, kv_heads, P, d_head], values …)`` of ``prefix [1, P]`` under the model as it runs now
+    (hooks included); None when its cache is not one plain key/value layer per block (SSM state, sliding windows)."""
+    _, cache = compat.forward(model, {"input_ids": prefix}, use_cache=True)
+    n_layers = len(getattr(cache, "layers", ()))
+    if cache is None or n_layers != len(find_layers(model)) or compat.plain_layer_count(cache) != n_layers:
+        return None
+    return compat.layer_keys_values(cache)
+
+
+def expanded_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
+    """One row's keys/values seen by ``rows`` rows (views, no copy); a forward appends to new tensors."""
+    return compat.cache_from_keys_values([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
+
+
+def shared_prefix_batch(
+    model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int, *, min_shared: int = 4
+) -> tuple[dict[str, torch.Tensor], DynamicCache | None]:
+    """A batch of token rows whose common prefix has run once, as one row: ``(batch, cache)``.
+
+    ``batch`` is ``encode_ids(rows minus the prefix, prefix_length=P)`` and ``cache`` the prefix's keys/values
+    expanded to every row, to be passed with it to the next forward. Every row keeps at least one own token (its
+    last position gives the next-token logits). With fewer than ``min_shared`` common tokens, one row, or a cache
+    that cannot be shared: ``(encode_ids(rows), None)``, the plain batch. The prefix runs under the hooks active now,
+    as a forward of its own: only for interventions that act alike at every position (ablation, addition at every
+    position), not for ones that single out positions such as the last prompt token.
+    """
+    device = model_device(model)
+    shared = min(common_prefix_length(rows), min(len(r) for r in rows) - 1) if len(rows) > 1 else 0
+    if shared >= max(1, min_shared):
+        kv = prefix_keys_values(model, torch.tensor([list(rows[0][:shared])], dtype=torch.long, device=device))
+        if kv is not None:
+            rest = [r[shared:] for r in rows]
+            return encode_ids(rest, pad_id, device, prefix_length=shared), expanded_cache(kv, len(rows))
+    return encode_ids(rows, pad_id, device), None
 
 
 def chat_texts(

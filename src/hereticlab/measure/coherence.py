@@ -120,6 +120,7 @@ def steered_outputs(
     batch_size: int | None = None,
     nll_batch_size: int = 8,
     prompt_cache: PromptCache | None = None,
+    share_prefix: bool = False,
     progress: bool = False,
     **chat_kwargs: Any,
 ) -> pd.DataFrame:
@@ -131,7 +132,8 @@ def steered_outputs(
     intervention and the prompts. ``batch_size``: rows per generation batch (large batches decode faster on CPU);
     ``nll_batch_size``: rows per teacher-forced batch (each holds ``max_new_tokens × vocab`` logits).
     ``prompt_cache``: a ``depth.PromptCache`` of this model shared by every arm, so that the coherence pass runs each
-    prompt through the unsteered model once (``coherence_nll``).
+    prompt through the unsteered model once (``coherence_nll``). ``share_prefix``: generate running the chat prefix
+    once per batch (``core.generation.generate``), only for interventions that act alike at every position.
     """
     with make() if make is not None else nullcontext():
         responses = generate(
@@ -141,6 +143,7 @@ def steered_outputs(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=progress,
+            share_prefix=share_prefix,
             **chat_kwargs,
         )
     frame = pd.DataFrame({"prompt": list(prompts), "response": responses})

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..core import compat
-from ..core.capture import auto_batch_size, batched, chat_texts, encode, model_device
+from ..core.capture import auto_batch_size, batched, chat_texts, encode, model_device, pad_id, shared_prefix_batch
 from ..core.generation import eos_token_ids, generate, greedy_decode  # noqa: F401 (generate: 0.1 name)
 from ..core.prompts import PromptSet, strip_thinking
 
@@ -219,11 +219,14 @@ def first_token_logprobs(
     batch_size: int | None = None,
     chat: bool = True,
     progress: bool = True,
+    share_prefix: bool = False,
     **chat_kwargs: Any,
 ) -> torch.Tensor:
     """Log-probabilities of the first response token ``[prompt, vocab]`` (float32, CPU).
 
-    Only the last position's logits are computed (``logits_to_keep=1``).
+    Only the last position's logits are computed (``logits_to_keep=1``). ``share_prefix``: run the tokens every
+    prompt of a batch begins with once per batch (``capture.shared_prefix_batch``; same log-probs up to float
+    rounding), only under interventions that act alike at every position.
     """
     texts = chat_texts(tokenizer, prompts, chat, **chat_kwargs)
     device = model_device(model)
@@ -231,7 +234,12 @@ def first_token_logprobs(
     for chunk in tqdm(
         list(batched(texts, batch_size or auto_batch_size(model))), desc="logprobs", disable=not progress, leave=False
     ):
-        logits = compat.forward(model, encode(tokenizer, chunk, device))[0][:, -1]
+        if share_prefix:
+            rows = tokenizer(list(chunk), add_special_tokens=False)["input_ids"]
+            batch, cache = shared_prefix_batch(model, rows, pad_id(tokenizer))
+        else:
+            batch, cache = encode(tokenizer, chunk, device), None
+        logits = compat.forward(model, batch, cache=cache)[0][:, -1]
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)
 

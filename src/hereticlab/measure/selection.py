@@ -72,11 +72,15 @@ def refusal_metric(
     token_ids: Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    share_prefix: bool = False,
     **chat_kwargs: Any,
 ) -> torch.Tensor:
-    """The cheap refusal metric per prompt ``[n]`` (float32): log-odds of refusal-opening tokens at the first step."""
+    """The cheap refusal metric per prompt ``[n]`` (float32): log-odds of refusal-opening tokens at the first step.
+    ``share_prefix``: see ``first_token_logprobs``."""
     ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
-    logprobs = first_token_logprobs(model, tokenizer, prompts, batch_size=batch_size, progress=progress, **chat_kwargs)
+    logprobs = first_token_logprobs(
+        model, tokenizer, prompts, batch_size=batch_size, progress=progress, share_prefix=share_prefix, **chat_kwargs
+    )
     return refusal_log_odds(logprobs, ids)
 
 
@@ -222,7 +226,8 @@ def score_candidates(
 
     ``layers``: residual indices to try (default all blocks ``0..L-1``; ActAdd at index ``l`` adds at block ``l``'s
     input, so ``L`` itself is not a candidate). Cost: three forwards of the prompt sets per candidate, so keep the
-    prompt sets small (Arditi et al.: 32) and the candidate set modest on a CPU.
+    prompt sets small (Arditi et al.: 32) and the candidate set modest on a CPU. Both interventions act at every
+    position, so each batch runs the chat prefix its prompts share once (``first_token_logprobs(share_prefix=True)``).
     Returns the frame and the baseline metrics (no intervention).
     """
     from tqdm.auto import tqdm
@@ -230,7 +235,7 @@ def score_candidates(
     n_blocks = len(find_layers(model))
     layers = list(range(n_blocks)) if layers is None else [i for i in layers if 0 <= i < n_blocks]
     ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
-    logprobs = partial(first_token_logprobs, model, tokenizer, batch_size=batch_size, progress=False)
+    logprobs = partial(first_token_logprobs, model, tokenizer, batch_size=batch_size, progress=False, share_prefix=True)
     base_harmful = logprobs(harmful)
     base_harmless = logprobs(harmless)
     baseline = {
@@ -794,10 +799,11 @@ def score_direction(
 
     ``vector``: a raw direction ``[d]`` or an orthonormal basis ``[k, d]`` (ablated as a subspace; ``induce`` is
     NaN: a basis has no single vector to add). ``base_harmless``: the unedited first-token log-probs of
-    ``harmless`` ``[n, vocab]`` when already computed.
+    ``harmless`` ``[n, vocab]`` when already computed. The shared chat prefix runs once per batch, as in
+    ``score_candidates``.
     """
     ids = refusal_token_ids(tokenizer) if token_ids is None else list(token_ids)
-    logprobs = partial(first_token_logprobs, model, tokenizer, batch_size=batch_size, progress=False)
+    logprobs = partial(first_token_logprobs, model, tokenizer, batch_size=batch_size, progress=False, share_prefix=True)
     if base_harmless is None:
         base_harmless = logprobs(harmless)
     with ablation_hooks(model, vector):

@@ -36,7 +36,17 @@ from transformers.cache_utils import DynamicCache
 
 from ..core import compat
 from ..core.architecture import block_output_tensor, find_layers
-from ..core.capture import batched, chat_texts, encode, encode_ids, model_device, pad_id
+from ..core.capture import (
+    batched,
+    chat_texts,
+    common_prefix_length,
+    encode,
+    encode_ids,
+    expanded_cache,
+    model_device,
+    pad_id,
+    prefix_keys_values,
+)
 from ..core.generation import eos_token_ids, greedy_decode
 from ..core.hooks import hook_outputs
 from ..core.prompts import PromptSet
@@ -123,20 +133,6 @@ class _PromptSet:
     @property
     def prefix_length(self) -> int:
         return self.prefix.shape[1]
-
-
-def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by every sequence."""
-    if not sequences:
-        return 0
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for s in sequences[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
-    return n
 
 
 def _prompt_groups(prompts: Sequence[str] | PromptSet | Sequence[PromptSet]) -> list[Sequence[str] | PromptSet]:
@@ -235,21 +231,16 @@ class TrialEvaluator:
         key = tuple(side.prefix[0].tolist())
         if self._prefix_memo is not None and key in self._prefix_memo:
             return self._prefix_memo[key]
-        _, cache = compat.forward(self.model, {"input_ids": side.prefix}, use_cache=True)
-        if cache is None or len(cache.layers) != self.n_blocks or compat.plain_layer_count(cache) != self.n_blocks:
+        kv = prefix_keys_values(self.model, side.prefix)
+        if kv is None:
             raise _NotShareable
-        kv = compat.layer_keys_values(cache)
         if self._prefix_memo is not None:
             self._prefix_memo[key] = kv
         return kv
 
     @staticmethod
     def _expanded(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int) -> DynamicCache | None:
-        if prefix_kv is None:
-            return None
-        return compat.cache_from_keys_values(
-            [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix_kv]
-        )
+        return None if prefix_kv is None else expanded_cache(prefix_kv, rows)
 
     def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids per text and the length of the prefix they share (0 when sharing is off or too short)."""
