@@ -1,14 +1,14 @@
 """Where one notebook-style generation batch spends its time: the prompt prefill, the decode steps, and the
 coherence pass (the unedited model's teacher-forced NLL of the outputs), with the chat prefix all prompts share.
 
-It sizes the options for making the reproduction notebooks faster (sharing the chat prefix across a batch, fewer
-arms): the prefill and the coherence pass both re-run the shared prefix once per row. The coherence pass is timed
-twice, side by side: plain, and continuing prompts a ``depth.PromptCache`` already holds (what every arm after the
-first pays when the arms share one cache, as the notebooks do); both in batches of ``steered_outputs``' default 8
-rows, and their NLLs must agree to 1e-4 before the ratio is printed. Rounds repeat the whole measurement after a
-warm-up; the median is printed.
+It sizes the options for making the reproduction notebooks faster. The generation is timed plain and with
+``share_prefix=True`` (the shared system turn run once per batch), with the count of responses that came out
+identical. The coherence pass is timed plain and continuing prompts a ``depth.PromptCache`` already holds (what every
+arm after the first pays when the arms share one cache, as the notebooks do), both in batches of
+``steered_outputs``' default 8 rows; their NLLs must agree to 1e-4 before the ratio is printed. Rounds repeat the
+whole measurement after a warm-up; the median is printed.
 
-    python bench/generation_cost.py [--model default] [--prompts 64] [--tokens 64] [--rounds 2]
+    python bench/generation_cost.py [--model default] [--prompts 64] [--tokens 64] [--rounds 2] [--nll-batch 8]
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import torch
 
 import hereticlab as hl
 from hereticlab.core import compat
-from hereticlab.core.capture import encode
+from hereticlab.core.capture import common_prefix_length, encode
 from hereticlab.measure.coherence import coherence_nll
 from hereticlab.measure.depth import PromptCache
-from hereticlab.core.capture import common_prefix_length
 
 
 def timed(fn):
@@ -58,8 +57,16 @@ def main() -> None:
         with torch.no_grad():
             compat.forward(model, batch, use_cache=True)
 
-    def generation():
-        return hl.generate(model, tok, prompts, max_new_tokens=args.tokens, batch_size=len(prompts), progress=False)
+    def generation(share_prefix=False):
+        return hl.generate(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=args.tokens,
+            batch_size=len(prompts),
+            progress=False,
+            share_prefix=share_prefix,
+        )
 
     prefill()  # warm-up
     prompt_cache = PromptCache(model, tok)
@@ -68,6 +75,8 @@ def main() -> None:
     for _ in range(args.rounds):
         _, t_prefill = timed(prefill)
         outputs, t_generate = timed(generation)
+        shared_outputs, t_shared = timed(lambda: generation(share_prefix=True))
+        same = sum(a == b for a, b in zip(outputs, shared_outputs))
         plain, t_nll = timed(lambda outputs=outputs: coherence_nll(model, tok, prompts, outputs, **nll_kw))
         coherence_nll(model, tok, prompts, outputs, prompt_cache=prompt_cache, **nll_kw)  # the first arm fills it
         reused, t_cached = timed(
@@ -76,8 +85,8 @@ def main() -> None:
         gap = float(np.nanmax(np.abs(plain - reused)))  # NaN rows (empty outputs) left out
         if gap > 1e-4:
             raise SystemExit(f"the cached coherence pass disagrees with the plain one by {gap:.2e} nats/token")
-        rows.append((t_prefill, t_generate, t_nll, t_cached))
-    t_prefill, t_generate, t_nll, t_cached = (statistics.median(column) for column in zip(*rows))
+        rows.append((t_prefill, t_generate, t_nll, t_cached, t_shared))
+    t_prefill, t_generate, t_nll, t_cached, t_shared = (statistics.median(column) for column in zip(*rows))
     new_tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     total = t_generate + t_nll
     print(f"prefill alone {t_prefill:.1f} s (inside the generation)")
@@ -85,12 +94,16 @@ def main() -> None:
     decode = t_generate - t_prefill
     print(f"  of which decode steps {decode:.1f} s")
     print(
+        f"generation running the shared prefix once per batch (share_prefix=True) {t_shared:.1f} s "
+        f"({t_shared / t_generate:.2f}×); {same} of {len(outputs)} responses identical to the plain path's"
+    )
+    print(
         f"coherence pass {t_nll:.1f} s; continuing cached prompts {t_cached:.1f} s ({t_cached / t_nll:.2f}×, "
         f"NLLs agree to {gap:.1e})"
     )
     print(
         f"per output arm: {total:.1f} s; prefill {t_prefill / total:.0%}, decode {decode / total:.0%}, "
-        f"coherence {t_nll / total:.0%}; with the prompt cache {t_generate + t_cached:.1f} s"
+        f"coherence {t_nll / total:.0%}; with the prompt cache and the shared prefix {t_shared + t_cached:.1f} s"
     )
 
 
