@@ -199,6 +199,30 @@ def test_shared_prefix_gives_the_plain_logprobs_and_generations(tiny_llama):
     assert gcache is None and gbatch["input_ids"].shape[1] == max(len(x) for x in grows)
 
 
+def test_shared_prefix_refuses_position_dependent_steering(tiny_llama):
+    """Steering the last prompt token (conceptor steering's setting) under ``share_prefix=True`` would steer the
+    shared prefix's last token instead: one ValueError before any forward; the hook's exit lifts the refusal, and
+    steering every position still shares the prefix."""
+    from hereticlab.core.generation import generate
+    from hereticlab.core.hooks import position_dependent_writes
+    from hereticlab.interventions import steering as st
+
+    model, tok = tiny_llama
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 20
+    kw = {"max_new_tokens": 4, "batch_size": 5, "progress": False}
+    with st.activation_addition(model, v, resid=1, positions="last_prompt"):
+        assert position_dependent_writes(model) == 1
+        with pytest.raises(ValueError, match="share_prefix=True under an intervention that steers chosen positions"):
+            generate(model, tok, PROMPTS, share_prefix=True, **kw)
+        steered_last = generate(model, tok, PROMPTS, **kw)
+    assert position_dependent_writes(model) == 0
+    with st.activation_addition(model, v, resid=1):
+        assert generate(model, tok, PROMPTS, share_prefix=True, **kw) == generate(model, tok, PROMPTS, **kw)
+    with st.activation_addition(model, v, resid=1, positions="last_prompt"):
+        assert generate(model, tok, PROMPTS, **kw) == steered_last  # the refused call left the hook intact
+    assert steered_last != generate(model, tok, PROMPTS, **kw)  # ... and the hook does steer
+
+
 @pytest.mark.parametrize(
     "text,refused",
     [

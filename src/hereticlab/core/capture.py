@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache
 
 from . import compat
 from .architecture import find_layers
-from .hooks import Site, resolve_site, trace
+from .hooks import Site, position_dependent_writes, resolve_site, trace
 from .prompts import PromptSet, format_chat
 
 T = TypeVar("T")
@@ -123,8 +123,15 @@ def shared_prefix_batch(
     last position gives the next-token logits). With fewer than ``min_shared`` common tokens, one row, or a cache
     that cannot be shared: ``(encode_ids(rows), None)``, the plain batch. The prefix runs under the hooks active now,
     as a forward of its own: only for interventions that act alike at every position (ablation, addition at every
-    position), not for ones that single out positions such as the last prompt token.
+    position); under one that singles out positions (``hooks.position_dependent_writes``), such as the last prompt
+    token, it raises ``ValueError`` before any forward.
     """
+    if position_dependent_writes(model):
+        raise ValueError(
+            "share_prefix=True under an intervention that steers chosen positions (positions='last_prompt', "
+            "'prompt', a slice, ...): the shared prefix would run as a call of its own and be steered at the wrong "
+            "positions; drop share_prefix or steer positions='all'"
+        )
     device = model_device(model)
     shared = min(common_prefix_length(rows), min(len(r) for r in rows) - 1) if len(rows) > 1 else 0
     if shared >= max(1, min_shared):

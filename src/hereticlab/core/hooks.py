@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -302,6 +303,17 @@ class Trace:
     stopped: bool = False
 
 
+# Models with a position-dependent write active (``trace(with_call=True)``) → how many: a forward split into a
+# shared prefix and the rows' own tokens would position such writes wrongly (``capture.shared_prefix_batch``).
+_POSITION_DEPENDENT_WRITES: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
+
+
+def position_dependent_writes(model: nn.Module) -> int:
+    """How many position-dependent writes (``trace(..., with_call=True)``, e.g. steering ``positions="last_prompt"``)
+    are active on ``model`` now."""
+    return _POSITION_DEPENDENT_WRITES.get(model, 0)
+
+
 WriteFn = Callable[..., torch.Tensor]
 """``write(site, hidden) -> hidden``, or with ``with_call=True`` ``write(site, hidden, call) -> hidden``."""
 
@@ -364,6 +376,8 @@ def trace(
         return hook
 
     handles: list[RemovableHandle] = []
+    if offsets is not None:
+        _POSITION_DEPENDENT_WRITES[model] = position_dependent_writes(model) + 1
     try:
         if offsets is not None:
             handles += offsets.register()
@@ -376,3 +390,5 @@ def trace(
         result.stopped = True
     finally:
         _remove(handles)
+        if offsets is not None:
+            _POSITION_DEPENDENT_WRITES[model] -= 1
