@@ -275,6 +275,7 @@ def judge_finalists(
                 f"{name}: refusals {row['harmful_either']}/{row['harmful_n']} (markers {row['harmful_markers']}, "
                 f"semantic {row['harmful_semantic']}), over-refusal {row['over_refusal_either']}/"
                 f"{row['over_refusal_n']}, capability {row['capability_correct']}/{row['capability_n']} "
+                f"{'right' if trial is None else 'of those still right'} "
                 f"(retention {row['retention']:.3f}), KL {row['kl']:.3f}, NLL {row['nll']:.3f} ({row['seconds']} s)"
             )
         rows.append(row)
