@@ -51,6 +51,7 @@ __all__ = [
     "StopForward",
     "Trace",
     "hook_outputs",
+    "position_dependent_writes",
     "resolve_site",
     "resolve_sites",
     "trace",
